@@ -1,0 +1,24 @@
+# Two entry points: `make reproduce` (the main job) and `make test` (every test).
+# Both create or refresh the project's own virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: reproduce test venv bench
+
+$(STAMP): requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/fmpaper reproduce --profile quick --dataset ml-100k
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py

@@ -1,0 +1,117 @@
+"""The paper's three evaluation modes, under the authors' protocol and a corrected one.
+
+Modes (test split, one target per user): FULL ranks the target among all items; uni100 and
+pop100 rank it among 100 sampled negatives (uniformly / by popularity). Metrics: HR@K and
+NDCG@K = 1 / log2(rank + 2) for rank < K (rank 0 = first), averaged over users.
+
+Protocols (protocol.md, "Evaluation"):
+  paper      as the authors' code ran: FULL does not mask the user's history; negatives are
+             drawn with replacement and may be the target itself or items of the history;
+             pop100 draws from the list of all interactions (train + valid + test), so popular
+             items recur. A negative that ties the target (e.g. the target drawn as its own
+             negative) counts as ranked above it.
+  corrected  negatives exclude every item of the user, are distinct, drawn uniformly or in
+             proportion to item counts; FULL may mask the history (`mask_history`).
+Both are seeded here (the authors' sampler was not), so every number can be re-run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import SeqData
+from .model import SASRec, trim
+
+MODES = ("full", "uni100", "pop100")
+PROTOCOLS = ("paper", "corrected")
+
+
+@torch.no_grad()
+def scores(model: SASRec, data: SeqData, split: str, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every item for every user's valid/test input: (U, n_items), and targets (U,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    target_idx = data.eval_targets(split)
+    users = torch.arange(data.n_users)
+    out, targets = [], []
+    for part in users.split(batch):
+        seq, lengths, target = data.inputs(target_idx[part], part)
+        h = model.encode(trim(seq, lengths).to(device), lengths.to(device))
+        out.append(model.logits(h).float().cpu())
+        targets.append(target)
+    return torch.cat(out), torch.cat(targets)
+
+
+def user_item_mask(data: SeqData, upto: torch.Tensor | None = None) -> torch.Tensor:
+    """(U, n_items + 1) bool: item i occurs among the user's interactions (before flat index `upto`)."""
+    user = torch.repeat_interleave(torch.arange(data.n_users), data.offsets.diff())
+    keep = torch.ones(len(data.items), dtype=torch.bool)
+    if upto is not None:
+        keep = torch.arange(len(data.items)) < upto[user]
+    m = torch.zeros(data.n_users, data.n_items + 1, dtype=torch.bool)
+    m[user[keep], data.items[keep]] = True
+    return m
+
+
+def sample_negatives(data: SeqData, mode: str, protocol: str, n: int = 100, seed: int = 0) -> torch.Tensor:
+    """(U, n) negative item ids for uni100 ("uni") or pop100 ("pop")."""
+    gen = torch.Generator().manual_seed(seed)
+    U, V = data.n_users, data.n_items
+    if protocol == "paper":
+        if mode == "uni":
+            return torch.randint(1, V + 1, (U, n), generator=gen)
+        pick = torch.randint(0, len(data.items), (U, n), generator=gen)  # a random interaction's item
+        return data.items[pick]
+    weights = torch.ones(U, V + 1) if mode == "uni" else data.item_counts().double().expand(U, V + 1).clone()
+    weights[:, 0] = 0
+    weights[user_item_mask(data)] = 0
+    return torch.multinomial(weights, n, replacement=False, generator=gen)
+
+
+def ranks(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
+          mask_history: bool = False, split: str = "test") -> dict[str, torch.Tensor]:
+    """0-based rank of each user's target in each mode: {"full": (U,), "uni100": (U,), "pop100": (U,)}."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    s, target = scores(model, data, split)
+    col = (target - 1)[:, None]                                           # column of the target
+    pos = s.gather(1, col)                                               # (U, 1)
+    full_scores = s
+    if mask_history:
+        hist = user_item_mask(data, upto=data.eval_targets(split))[:, 1:]
+        hist.scatter_(1, col, False)
+        full_scores = s.masked_fill(hist, float("-inf"))
+    out = {"full": (full_scores > pos).sum(1)}
+    for mode, key in (("uni", "uni100"), ("pop", "pop100")):
+        neg = sample_negatives(data, mode, protocol, seed=seed + (0 if mode == "uni" else 1))
+        ns = s.gather(1, neg - 1)                                          # (U, 100)
+        out[key] = (ns >= pos).sum(1) if protocol == "paper" else (ns > pos).sum(1)
+    return out
+
+
+def metrics_from_ranks(r: torch.Tensor, ks=(10, 20)) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        hit = r < k
+        out[f"ndcg@{k}"] = float((hit / torch.log2(r.double() + 2)).mean())
+        out[f"hr@{k}"] = float(hit.double().mean())
+    return out
+
+
+def ndcg(r: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Per-user NDCG@k (U,), for paired comparisons."""
+    return (r < k) / torch.log2(r.double() + 2)
+
+
+def evaluate(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
+             mask_history: bool = False) -> dict[str, dict[str, float]]:
+    """{"full": {"ndcg@10":..., "hr@10":..., "ndcg@20":..., "hr@20":...}, "uni100": ..., "pop100": ...}"""
+    return {mode: metrics_from_ranks(r) for mode, r in ranks(model, data, protocol, seed, mask_history).items()}
+
+
+def valid_ndcg10(model: SASRec, data: SeqData) -> float:
+    """Early-stopping criterion: validation NDCG@10 over all items (history not masked)."""
+    s, target = scores(model, data, "valid")
+    r = (s > s.gather(1, (target - 1)[:, None])).sum(1)
+    return float(ndcg(r, 10).mean())

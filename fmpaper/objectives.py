@@ -1,0 +1,159 @@
+"""Training objectives: cross-entropy plus the contrastive terms of CL4SRec and DuoRec.
+
+Every variant trains the same SASRec encoder; a variant only decides which extra views of a
+batch are encoded and which InfoNCE terms are added (protocol.md, "The five trained models"):
+
+  sasrec           CE
+  cl4srec          CE + w * InfoNCE(aug1(s), aug2(s))        (cl4srec_ce=False: InfoNCE alone)
+  duorec_unsup     CE + w * InfoNCE(h(s), h'(s))             two dropout passes of s
+  duorec_sup       CE + w * InfoNCE(h(s), h(s+))             s+ = another sequence, same target
+  duorec_supunsup  CE + w * [InfoNCE(h, h') + InfoNCE(h, h(s+))]   (supunsup_mode="both")
+                   CE + w * InfoNCE(h', h(s+))                     (supunsup_mode="duorec")
+
+All views of a step go through the encoder in one call (one batch of B * views rows), so
+dropout draws differ per view while the work stays one large batch.
+Augmentations are batched tensor ops that return new tensors: the data is never modified
+(the authors' code augmented the stored sequences in place).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import SeqData
+from .model import SASRec, trim
+
+
+# ---------------------------------------------------------------- augmentations (CL4SRec)
+def _positions(seq: torch.Tensor) -> torch.Tensor:
+    return torch.arange(seq.shape[1], device=seq.device).expand_as(seq)   # (B, L)
+
+
+def crop(seq, lengths, eta, gen):
+    """Keep a random contiguous span of floor(eta * n) items (at least 1), moved to the front."""
+    keep = torch.clamp((lengths * eta).floor().long(), min=1)
+    start = (torch.rand(lengths.shape, generator=gen) * (lengths - keep + 1)).long()
+    idx = start[:, None] + _positions(seq)
+    out = torch.where(_positions(seq) < keep[:, None], seq.gather(1, idx.clamp(max=seq.shape[1] - 1)), 0)
+    return out, keep
+
+
+def mask(seq, lengths, gamma, mask_id, gen):
+    """Replace floor(gamma * n) randomly chosen items (without replacement) by the mask token."""
+    n_mask = (lengths * gamma).floor().long()
+    real = _positions(seq) < lengths[:, None]
+    keys = torch.where(real, torch.rand(seq.shape, generator=gen), 2.0)   # padding sorts last
+    rank = keys.argsort(1).argsort(1)                                    # rank of each position
+    return torch.where(rank < n_mask[:, None], mask_id, seq), lengths
+
+
+def reorder(seq, lengths, beta, gen):
+    """Shuffle a random span of floor(beta * n) items; everything outside it stays in place."""
+    span = (lengths * beta).floor().long()
+    start = (torch.rand(lengths.shape, generator=gen) * (lengths - span + 1)).long()
+    pos = _positions(seq).float()
+    inside = (pos >= start[:, None]) & (pos < (start + span)[:, None])
+    # keys inside the span are random in [start, start + span): sorting permutes only the span
+    keys = torch.where(inside, start[:, None] + torch.rand(seq.shape, generator=gen) * span[:, None], pos)
+    return seq.gather(1, keys.argsort(1)), lengths
+
+
+def augment(seq, lengths, cfg: Config, mask_id: int, gen: torch.Generator):
+    """One CL4SRec view: each sequence gets crop, mask or reorder at random; length-1 ones stay."""
+    views = [crop(seq, lengths, cfg.crop_eta, gen), mask(seq, lengths, cfg.mask_gamma, mask_id, gen),
+             reorder(seq, lengths, cfg.reorder_beta, gen)]
+    choice = torch.randint(0, 3, lengths.shape, generator=gen)
+    choice = torch.where(lengths > 1, choice, -1)                        # -1: keep the original
+    out_seq, out_len = seq.clone(), lengths.clone()
+    for i, (s, n) in enumerate(views):
+        pick = choice == i
+        out_seq[pick], out_len[pick] = s[pick], n[pick]
+    return out_seq, out_len
+
+
+# ---------------------------------------------------------------- InfoNCE
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of N positive pairs (z1[i], z2[i]), each (N, d).
+    Similarity = dot product / temperature; each of the 2N rows has its positive and the
+    2N - 2 other rows as negatives."""
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])                                              # (2N, d)
+    sim = (z @ z.T) / temperature                                        # (2N, 2N)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positive)
+
+
+# ---------------------------------------------------------------- semantic positives (DuoRec)
+class SemanticPositives:
+    """For a training example, another training example with the same target item, uniformly
+    among them; an example whose target occurs once is its own positive."""
+
+    def __init__(self, target_items: torch.Tensor):
+        self.order = torch.argsort(target_items, stable=True)            # examples grouped by target
+        sorted_t = target_items[self.order]
+        first = torch.ones_like(sorted_t, dtype=torch.bool)
+        first[1:] = sorted_t[1:] != sorted_t[:-1]
+        group = torch.cumsum(first.long(), 0) - 1
+        starts = torch.nonzero(first).squeeze(1)
+        sizes = torch.bincount(group)
+        self.where = torch.empty_like(self.order)                        # example -> slot in order
+        self.where[self.order] = torch.arange(len(self.order))
+        self.start = torch.empty_like(self.order)
+        self.size = torch.empty_like(self.order)
+        self.start[self.order] = starts[group]
+        self.size[self.order] = sizes[group]
+
+    def draw(self, ex: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        size, start = self.size[ex], self.start[ex]
+        offset = self.where[ex] - start
+        shift = 1 + (torch.rand(ex.shape, generator=gen) * (size - 1)).long()  # 1..size-1: never itself
+        slot = torch.where(size > 1, (offset + shift) % size, offset)
+        return self.order[start + slot]
+
+
+# ---------------------------------------------------------------- the training objective
+class Objective:
+    """Loss of one training step for `cfg.variant`, on training examples `ex` (indices into
+    the data's training targets). Returns a dict of scalar terms; "loss" is what is minimised."""
+
+    def __init__(self, cfg: Config, data: SeqData):
+        self.cfg, self.data = cfg, data
+        self.targets, self.users = data.train_targets()
+        v = cfg.variant
+        self.semantic = SemanticPositives(data.items[self.targets]) if v in ("duorec_sup", "duorec_supunsup") else None
+
+    def batch(self, ex: torch.Tensor):
+        return self.data.inputs(self.targets[ex], self.users[ex])
+
+    def __call__(self, model: SASRec, ex: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg, v = self.cfg, self.cfg.variant
+        seq, lengths, target = self.batch(ex)
+        views = [(seq, lengths)]                                         # view 0 feeds the CE
+        if v == "cl4srec":
+            views += [augment(seq, lengths, cfg, model.mask_id, gen) for _ in range(2)]
+        if v in ("duorec_unsup", "duorec_supunsup"):
+            views.append((seq, lengths))                                 # second dropout pass
+        if v in ("duorec_sup", "duorec_supunsup"):
+            s, n, _ = self.batch(self.semantic.draw(ex, gen))
+            views.append((s, n))
+        all_seq = torch.cat([s for s, _ in views])
+        all_len = torch.cat([n for _, n in views])
+        device = next(model.parameters()).device
+        h = model.encode(trim(all_seq, all_len).to(device), all_len.to(device))
+        hs = h.split(len(seq))                                           # one (B, d) per view
+        terms = {"ce": F.cross_entropy(model.logits(hs[0]), (target - 1).to(device))}
+        tau = cfg.cl_temperature
+        if v == "cl4srec":
+            terms["cl"] = info_nce(hs[1], hs[2], tau)
+        elif v in ("duorec_unsup", "duorec_sup"):
+            terms["cl"] = info_nce(hs[0], hs[1], tau)
+        elif v == "duorec_supunsup":
+            if cfg.supunsup_mode == "both":
+                terms["cl"] = info_nce(hs[0], hs[1], tau) + info_nce(hs[0], hs[2], tau)
+            else:
+                terms["cl"] = info_nce(hs[1], hs[2], tau)
+        ce = terms["ce"] if (v != "cl4srec" or cfg.cl4srec_ce) else 0.0
+        terms["loss"] = ce + cfg.cl_weight * terms.get("cl", 0.0)
+        return terms
