@@ -17,6 +17,26 @@ import torch.nn.functional as F
 from .config import Config
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout with the distribution of F.dropout, about twice as fast on CPU: comparing
+    a uniform draw with p costs less than torch's Bernoulli sampler (benchmarks/bench_train.py)."""
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return torch.zeros_like(x)
+    return x * ((torch.rand_like(x) >= p) * (1.0 / (1.0 - p)))
+
+
+def attention(q, k, v, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Softmax attention (B, H, Lq, dh) where `keep` allows a key. Without dropout this is torch's
+    fused kernel; with dropout an explicit softmax plus `dropout` above is ~1.6x faster on CPU
+    than the fused kernel's own dropout."""
+    if p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    a = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5                  # (B, H, Lq, L)
+    return dropout(a.masked_fill(~keep, float("-inf")).softmax(-1), p, True) @ v
+
+
 class Block(nn.Module):
     """Post-LayerNorm transformer block: attention -> add & norm -> FFN -> add & norm."""
 
@@ -44,20 +64,18 @@ class Block(nn.Module):
         p_attn = self.p_attn if self.training else 0.0
         q, k, v = self.qkv(x).split(d, dim=-1)
         if last is None:
-            ctx = F.scaled_dot_product_attention(
-                self._heads(q), self._heads(k), self._heads(v), dropout_p=p_attn, is_causal=True)
+            keep = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()   # causal (L, L)
             x_res = x
         else:
             idx = last.view(B, 1, 1).expand(B, 1, d)
             q = torch.gather(q, 1, idx)                                    # (B, 1, d)
             x_res = torch.gather(x, 1, idx)                                # (B, 1, d)
             keep = torch.arange(L, device=x.device).view(1, 1, 1, L) <= last.view(B, 1, 1, 1)
-            ctx = F.scaled_dot_product_attention(
-                self._heads(q), self._heads(k), self._heads(v), attn_mask=keep, dropout_p=p_attn)
+        ctx = attention(self._heads(q), self._heads(k), self._heads(v), keep, p_attn)
         ctx = ctx.transpose(1, 2).reshape(B, -1, d)                        # (B, L or 1, d)
-        h = self.ln1(x_res + F.dropout(self.proj(ctx), self.p_hidden, self.training))
+        h = self.ln1(x_res + dropout(self.proj(ctx), self.p_hidden, self.training))
         f = self.fc2(F.gelu(self.fc1(h)))
-        return self.ln2(h + F.dropout(f, self.p_hidden, self.training))
+        return self.ln2(h + dropout(f, self.p_hidden, self.training))
 
 
 class SASRec(nn.Module):
@@ -81,7 +99,7 @@ class SASRec(nn.Module):
 
     def encode_embedded(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, L, d) from `embed`, lengths (B,) >= 1 -> representation at the last real item (B, d)."""
-        x = F.dropout(self.ln(x), self.p_hidden, self.training)
+        x = dropout(self.ln(x), self.p_hidden, self.training)
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1](x, last=lengths - 1).squeeze(1)
@@ -98,7 +116,7 @@ class SASRec(nn.Module):
 
     def encode_all(self, seq: torch.Tensor) -> torch.Tensor:
         """Every position's output (B, L, d), causally; for tests of the masking."""
-        x = F.dropout(self.ln(self.embed(seq)), self.p_hidden, self.training)
+        x = dropout(self.ln(self.embed(seq)), self.p_hidden, self.training)
         for block in self.blocks:
             x = block(x)
         return x

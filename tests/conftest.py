@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from fmpaper.config import make_config
+from fmpaper.data import load
+
+
+def write_inter(path, rows, header="user_id:token\titem_id:token\trating:float\ttimestamp:float"):
+    """rows: (user, item, timestamp) -> a RecBole .inter file (rating fixed to 1)."""
+    lines = [header] + [f"{u}\t{i}\t1\t{t}" for u, i, t in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    return make_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_cfg):
+    return load(smoke_cfg.dataset, smoke_cfg.max_len, smoke_cfg.min_count, smoke_cfg.max_users)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return make_config("smoke", hidden=16, n_heads=2, inner=32, max_len=8, dropout=0.0, attn_dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

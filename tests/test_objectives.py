@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+
+from fmpaper.config import make_config
+from fmpaper.objectives import SemanticPositives, augment, crop, info_nce, mask, reorder
+
+SEQ = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 0, 0, 0, 0, 0], [21, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+LEN = torch.tensor([10, 5, 1])
+
+
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_crop_keeps_a_contiguous_share():
+    src = SEQ.clone()
+    out, n = crop(SEQ, LEN, 0.6, gen())
+    assert torch.equal(SEQ, src)
+    assert n.tolist() == [6, 3, 1]
+    for row, k, orig, m in zip(out, n, SEQ, LEN):
+        kept = row[:k].tolist()
+        assert (row[k:] == 0).all()
+        start = orig.tolist().index(kept[0])
+        assert kept == orig[start:start + k].tolist()
+
+
+def test_mask_replaces_a_share_with_the_token():
+    out, n = mask(SEQ, LEN, 0.3, 99, gen())
+    assert torch.equal(n, LEN)
+    assert ((out == 99).sum(1)).tolist() == [3, 1, 0]
+    assert torch.equal(out[SEQ == 0], SEQ[SEQ == 0])                      # padding untouched
+    assert torch.equal(out[out != 99], SEQ[out != 99])
+
+
+def test_reorder_shuffles_one_span():
+    g = gen()
+    for _ in range(20):
+        out, n = reorder(SEQ, LEN, 0.6, g)
+        for row, orig, m in zip(out, SEQ, LEN):
+            assert sorted(row[:m].tolist()) == sorted(orig[:m].tolist())
+            assert (row[m:] == 0).all()
+            moved = torch.nonzero(row != orig).flatten()
+            if len(moved):                                               # moved items lie in one span
+                assert moved.max() - moved.min() < int(m * 0.6)
+
+
+def test_augment_leaves_length_one_and_source_alone():
+    cfg = make_config("smoke")
+    src = SEQ.clone()
+    for seed in range(10):
+        out, n = augment(SEQ, LEN, cfg, 99, torch.Generator().manual_seed(seed))
+        assert torch.equal(out[2], SEQ[2]) and n[2] == 1
+    assert torch.equal(SEQ, src)
+
+
+def test_info_nce_by_hand():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    z2 = torch.tensor([[0.5, 0.5], [1.0, -1.0], [2.0, 0.0]])
+    tau = 0.5
+    z = torch.cat([z1, z2]).tolist()
+    total = 0.0
+    for i in range(6):
+        pos = (i + 3) % 6
+        sims = {j: sum(a * b for a, b in zip(z[i], z[j])) / tau for j in range(6) if j != i}
+        total += -sims[pos] + math.log(sum(math.exp(s) for s in sims.values()))
+    assert float(info_nce(z1, z2, tau)) == pytest.approx(total / 6, rel=1e-6)
+
+
+def test_semantic_positives_share_the_target():
+    targets = torch.tensor([5, 7, 5, 9, 5, 7])
+    sp = SemanticPositives(targets)
+    g = gen()
+    for _ in range(20):
+        ex = torch.arange(6)
+        pos = sp.draw(ex, g)
+        assert torch.equal(targets[pos], targets)
+        assert pos[3] == 3                                               # unique target: itself
+        other = torch.tensor([0, 1, 2, 4, 5])
+        assert (pos[other] != other).all()                               # others: never itself

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmpaper import FmpaperError
+from fmpaper.config import VARIANTS, make_config
+from fmpaper.train import load_run, train
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory, smoke_data):
+    """One smoke epoch of each of the five table models."""
+    root = tmp_path_factory.mktemp("runs")
+    for v in VARIANTS:
+        train(make_config("smoke", variant=v), root / v, progress=False, data=smoke_data)
+    return root
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_smoke_epoch(smoke_runs, variant):
+    run = smoke_runs / variant
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    assert metrics["epochs_run"] == 1 and len(history) == 1
+    assert history[0]["loss"] > 0 and ("cl" in history[0]) == (variant != "sasrec")
+    for protocol in ("paper", "corrected"):
+        for mode in ("full", "uni100", "pop100"):
+            m = metrics["test"][protocol][mode]
+            assert 0 <= m["ndcg@10"] <= m["hr@10"] <= m["hr@20"] <= 1
+    assert not (run.parent / (variant + ".partial")).exists()
+
+
+def test_all_checkpoints_mergeable(smoke_runs):
+    shapes = [{k: tuple(v.shape) for k, v in load_file(str(smoke_runs / v / "model.safetensors")).items()}
+              for v in VARIANTS]
+    assert all(s == shapes[0] for s in shapes)
+
+
+def test_load_run_refuses_bad_checkpoints(smoke_runs, tmp_path, smoke_data):
+    with pytest.raises(FmpaperError, match="not a run directory"):
+        load_run(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((smoke_runs / "sasrec" / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FmpaperError, match="unreadable checkpoint"):
+        load_run(bad, data=smoke_data)
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((smoke_runs / "sasrec" / "config.json").read_text())
+    cfg["hidden"] = 32
+    (other / "config.json").write_text(json.dumps(cfg))
+    (other / "model.safetensors").write_bytes((smoke_runs / "sasrec" / "model.safetensors").read_bytes())
+    with pytest.raises(FmpaperError, match="does not match"):
+        load_run(other, data=smoke_data)
+
+
+def test_refuses_to_overwrite(smoke_runs, smoke_data):
+    with pytest.raises(FmpaperError, match="already holds"):
+        train(make_config("smoke"), smoke_runs / "sasrec", progress=False, data=smoke_data)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_data, monkeypatch):
+    cfg = make_config("smoke", epochs=2, patience=2, variant="duorec_supunsup")
+    train(cfg, tmp_path / "straight", progress=False, data=smoke_data)
+
+    import fmpaper.train as T
+    real = T._write_json
+
+    def die_after_first_epoch(path, obj):
+        real(path, obj)
+        if path.name == "state.json" and obj["epoch"] == 1:
+            raise KeyboardInterrupt                                      # as if killed here
+    monkeypatch.setattr(T, "_write_json", die_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
+    monkeypatch.setattr(T, "_write_json", real)
+    assert (tmp_path / "resumed.partial" / "state.json").exists() and not (tmp_path / "resumed").exists()
+    train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    ma = json.loads((tmp_path / "straight" / "metrics.json").read_text())["test"]
+    mb = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["test"]
+    assert ma == mb
+
+
+def test_cli_train_errors_leave_nothing(tmp_path):
+    for args, msg in ((["--variant", "nope"], "unknown variant"), (["--profile", "huge"], "unknown profile"),
+                      (["--set", "cl_temperature=0"], "cl_temperature"), (["--set", "mask_gamma=1.5"], "mask_gamma"),
+                      (["--set", "cl_weight=-1"], "cl_weight")):
+        r = subprocess.run([sys.executable, "-m", "fmpaper", "train", "--out", str(tmp_path / "x"), *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
