@@ -62,6 +62,59 @@ def cmd_evaluate(a) -> None:
             print(mode.ljust(7), "  ".join(f"{k} {v:.4f}" for k, v in vals.items()))
 
 
+def cmd_fisher(a) -> None:
+    from pathlib import Path
+
+    from .experiments import validation_inputs
+    from .fisher import compute_fisher, save_fisher
+    from .train import hardware, load_run
+    run = load_run(a.run_dir)
+    seq, lengths, targets = validation_inputs(run.data)
+    fisher, meta = compute_fisher(run.model, seq, lengths, targets, a.estimator, k=a.k, batchwise=a.batchwise,
+                                  authors=a.authors, seed=run.cfg.seed if a.seed is None else a.seed,
+                                  progress=not a.quiet, return_meta=True)
+    meta.update(run=str(Path(a.run_dir).name), hardware=hardware())
+    save_fisher(a.out, fisher, meta)
+    print(json.dumps(meta))
+
+
+def cmd_merge(a) -> None:
+    from .experiments import merge_runs
+    from .fisher import check_compatible, load_fisher
+    from .train import load_run
+    if a.uniform == bool(a.fisher):
+        raise FmpaperError("give either --uniform or one --fisher file per run")
+    fishers = None
+    if a.fisher:
+        if len(a.fisher) != len(a.run_dirs):
+            raise FmpaperError(f"{len(a.run_dirs)} runs but {len(a.fisher)} Fisher files")
+        fishers = []
+        for run_dir, path in zip(a.run_dirs, a.fisher):
+            f, _ = load_fisher(path)
+            check_compatible(f, load_run(run_dir).model.state_dict())
+            fishers.append(f)
+    m = merge_runs(a.run_dirs, a.out, fishers, a.lambdas, a.floor, a.finetune_epochs, progress=not a.quiet)
+    print(json.dumps({"run": a.out, "test": m["test"]}, indent=2))
+
+
+def cmd_rows(a) -> None:
+    from .experiments import rows
+    for r in rows().values():
+        what = r.variant if r.kind == "train" else f"{r.method} {r.estimator or ''} {r.k or ''} of {'+'.join(r.members)}"
+        print(f"{r.name:18s} {r.kind:8s} {what.strip():60s} {'' if r.paper else '(reference)'}")
+
+
+def cmd_row(a) -> None:
+    from .experiments import run_dir, run_row
+    m = run_row(a.name, a.dataset, a.profile, a.seed, progress=not a.quiet)
+    print(json.dumps({"run": str(run_dir(a.name, a.dataset, a.profile, a.seed)), "test": m["test"]}, indent=2))
+
+
+def cmd_reproduce(a) -> None:
+    from .reproduce import reproduce
+    reproduce(profile=a.profile, dataset=a.dataset, seeds=a.seeds, rows=a.rows, book=not a.no_book)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmpaper", description="Fisher-weighted merging of contrastive sequential recommenders: data, training, evaluation, Fisher, merging.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="negative-sampling seed (default: the run's seed)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_evaluate)
+
+    from .fisher import ESTIMATORS
+    f = sub.add_parser("fisher", help="diagonal Fisher of a run over its validation inputs, saved as safetensors + JSON")
+    f.add_argument("run_dir")
+    f.add_argument("--estimator", required=True, choices=ESTIMATORS)
+    f.add_argument("--k", type=int, help="items per sequence (random, topk, model)")
+    f.add_argument("--batchwise", action="store_true", help="the poster's batch-sum approximation")
+    f.add_argument("--authors", action="store_true", help="target estimator as the authors' code: logits/10, p^2, no 1/N")
+    f.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
+    f.add_argument("--out", required=True, help="output .safetensors (metadata goes beside it as .json)")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_fisher)
+
+    m = sub.add_parser("merge", help="merge runs (uniform or Fisher-weighted) into a new run directory")
+    m.add_argument("run_dirs", nargs="+")
+    m.add_argument("--fisher", nargs="+", help="one Fisher file per run, in the same order")
+    m.add_argument("--uniform", action="store_true", help="plain parameter mean")
+    m.add_argument("--lambdas", type=float, nargs="+", help="model weights lambda_m (default all 1)")
+    m.add_argument("--floor", type=float, default=1e-10, help="added to every Fisher entry (default 1e-10)")
+    m.add_argument("--finetune-epochs", type=int, default=0, help="CE epochs after merging (the authors used 10)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    r = sub.add_parser("rows", help="list the table's rows (fmpaper/rows.toml)")
+    r.set_defaults(func=cmd_rows)
+
+    o = sub.add_parser("row", help="compute one row of the table (cached by its configuration)")
+    o.add_argument("name")
+    o.add_argument("--dataset")
+    o.add_argument("--profile", default="quick", choices=tuple(PROFILES))
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(func=cmd_row)
+
+    x = sub.add_parser("reproduce", help="every row through papermill, then the book")
+    x.add_argument("--profile", default="quick", choices=tuple(PROFILES))
+    x.add_argument("--dataset", help="default: the profile's")
+    x.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1")
+    x.add_argument("--rows", nargs="+", help="only these rows (default: all)")
+    x.add_argument("--no-book", action="store_true", help="skip the book build")
+    x.set_defaults(func=cmd_reproduce)
     return p
 
 

@@ -90,7 +90,7 @@ PROFILES: dict[str, dict] = {
     # tiny deterministic ML-100K subset, one epoch: for tests and CI
     "smoke": dict(dataset="ml-100k", max_users=60, epochs=1, patience=1, batch_size=128),
     # ML-100K, paper architecture, few epochs: a laptop reproduction
-    "quick": dict(dataset="ml-100k", epochs=8, patience=3),
+    "quick": dict(dataset="ml-100k", epochs=4, patience=4),
     # the paper's full protocol (50 epochs, patience 10); meant for ML-1M on a GPU
     "paper": dict(dataset="ml-1m"),
 }

@@ -110,6 +110,17 @@ def evaluate(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 
     return {mode: metrics_from_ranks(r) for mode, r in ranks(model, data, protocol, seed, mask_history).items()}
 
 
+def test_report(model: SASRec, data: SeqData, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Test metrics under both protocols, and every user's rank per "protocol.mode" (for paired
+    comparisons between runs): ({protocol: {mode: metrics}}, {"paper.full": (U,), ...})."""
+    metrics, all_ranks = {}, {}
+    for protocol in PROTOCOLS:
+        r = ranks(model, data, protocol, seed)
+        metrics[protocol] = {mode: metrics_from_ranks(x) for mode, x in r.items()}
+        all_ranks.update({f"{protocol}.{mode}": x for mode, x in r.items()})
+    return metrics, all_ranks
+
+
 def valid_ndcg10(model: SASRec, data: SeqData) -> float:
     """Early-stopping criterion: validation NDCG@10 over all items (history not masked)."""
     s, target = scores(model, data, "valid")

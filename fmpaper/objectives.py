@@ -10,8 +10,9 @@ batch are encoded and which InfoNCE terms are added (protocol.md, "The five trai
   duorec_supunsup  CE + w * [InfoNCE(h, h') + InfoNCE(h, h(s+))]   (supunsup_mode="both")
                    CE + w * InfoNCE(h', h(s+))                     (supunsup_mode="duorec")
 
-All views of a step go through the encoder in one call (one batch of B * views rows), so
-dropout draws differ per view while the work stays one large batch.
+The views of a step go through the encoder in one call (one batch of B * views rows), so
+dropout draws differ per view while the work stays one large batch; semantic positives get a
+call of their own (see `Objective.__call__`).
 Augmentations are batched tensor ops that return new tensors: the data is never modified
 (the authors' code augmented the stored sequences in place).
 """
@@ -124,6 +125,15 @@ class Objective:
         v = cfg.variant
         self.semantic = SemanticPositives(data.items[self.targets]) if v in ("duorec_sup", "duorec_supunsup") else None
 
+    @staticmethod
+    def encode(model: SASRec, views: list) -> list[torch.Tensor]:
+        """Encode several (seq, lengths) views in one call (dropout drawn independently per row)."""
+        all_seq = torch.cat([s for s, _ in views])
+        all_len = torch.cat([n for _, n in views])
+        device = next(model.parameters()).device
+        h = model.encode(trim(all_seq, all_len).to(device), all_len.to(device))
+        return list(h.split(len(views[0][0])))
+
     def batch(self, ex: torch.Tensor):
         return self.data.inputs(self.targets[ex], self.users[ex])
 
@@ -135,14 +145,13 @@ class Objective:
             views += [augment(seq, lengths, cfg, model.mask_id, gen) for _ in range(2)]
         if v in ("duorec_unsup", "duorec_supunsup"):
             views.append((seq, lengths))                                 # second dropout pass
+        hs = self.encode(model, views)                                   # one (B, d) per view
         if v in ("duorec_sup", "duorec_supunsup"):
             s, n, _ = self.batch(self.semantic.draw(ex, gen))
-            views.append((s, n))
-        all_seq = torch.cat([s for s, _ in views])
-        all_len = torch.cat([n for _, n in views])
-        device = next(model.parameters()).device
-        h = model.encode(trim(all_seq, all_len).to(device), all_len.to(device))
-        hs = h.split(len(seq))                                           # one (B, d) per view
+            # a call of its own: semantic positives have any length, while the batch was grouped
+            # by length, and one call would pad every view to the longest positive
+            hs += self.encode(model, [(s, n)])
+        device = hs[0].device
         terms = {"ce": F.cross_entropy(model.logits(hs[0]), (target - 1).to(device))}
         tau = cfg.cl_temperature
         if v == "cl4srec":

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import FmpaperError
 from .config import Config
 from .data import SeqData, batches, load
-from .evaluate import evaluate, valid_ndcg10
+from .evaluate import test_report, valid_ndcg10
 from .model import SASRec
 from .objectives import Objective
 
@@ -81,9 +81,12 @@ def _restore_optimizer(opt: torch.optim.Adam, model: SASRec, t: dict) -> None:
                             "exp_avg_sq": t[f"exp_avg_sq.{name}"].to(p.device)}
 
 
-def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | None = None) -> dict:
+def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | None = None,
+          init: dict | None = None, extra: dict | None = None) -> dict:
     """Train `cfg` into run directory `out` (resuming `<out>.partial` if it holds the same config).
-    Returns the run's metrics. An existing finished `out` is an error: runs are never overwritten."""
+    `init`: start from these weights instead of a fresh initialisation (post-merge fine-tuning);
+    `extra`: more entries for metrics.json. Returns the run's metrics. An existing finished `out`
+    is an error: runs are never overwritten."""
     cfg.validate()
     out = Path(out)
     if (out / "model.safetensors").exists():
@@ -101,6 +104,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
 
     torch.manual_seed(cfg.seed)
     model = SASRec(data.n_items, cfg).to(device)
+    if init is not None:
+        model.load_state_dict(init)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if state["epoch"]:
         model.load_state_dict(load_file(str(part / "last.safetensors"), device=str(device)))
@@ -145,24 +150,32 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
                   f"valid ndcg@10 {score:.4f} ({secs:.1f}s)", flush=True)
 
     model.load_state_dict(load_file(str(part / "best.safetensors"), device=str(device)))
+    model.eval()
     metrics = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-               "valid_ndcg@10": state["best"], "train_seconds": state["seconds"],
-               "hardware": hardware(), "data": data.stats(),
-               "test": {p: evaluate(model, data, p, seed=cfg.seed) for p in ("paper", "corrected")}}
-    finish_run(part, out, model, cfg, metrics, state["history"])
+               "valid_ndcg@10": state["best"], "train_seconds": state["seconds"], **(extra or {})}
+    finish_run(part, out, model, data, cfg, metrics, state["history"])
     return metrics
 
 
-def finish_run(part: Path, out: Path, model: SASRec, cfg: Config, metrics: dict, history: list) -> None:
-    """Write the final files into `part`, drop the resume state, rename `part` to `out`."""
-    _save_tensors(part / "model.safetensors", model.state_dict())
+def finish_run(part: Path, out: Path, model: SASRec | None, data: SeqData, cfg: Config, metrics: dict,
+               history: list | None = None, ranks_of=None) -> dict:
+    """Evaluate on the test split (both protocols), write the final files into `part`, drop the
+    resume state and rename `part` to `out`. `ranks_of` scores something other than `model`
+    (an output ensemble, which has no checkpoint). Returns the completed metrics."""
+    test, ranks = test_report(ranks_of or model, data, seed=cfg.seed)
+    metrics.update(test=test, hardware=hardware(), data=data.stats())
+    if model is not None:
+        _save_tensors(part / "model.safetensors", model.state_dict())
+    _save_tensors(part / "ranks.safetensors", ranks)
     _write_json(part / "metrics.json", metrics)
-    _write_json(part / "history.json", history)
+    if history is not None:
+        _write_json(part / "history.json", history)
     (part / "config.json").write_text(cfg.to_json())
     for f in ("last.safetensors", "adam.safetensors", "best.safetensors", "state.json"):
         (part / f).unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, out)
+    return metrics
 
 
 @dataclass
