@@ -1,10 +1,14 @@
 """Training speed of fmpaper's SASRec against a straightforward reference, in one run.
 
-Measures training examples/s (forward, backward and Adam step, paper configuration, batch 256,
-real ML-100K batches) for the reference and for each lever added in turn, then for every
-variant's objective relative to the baseline's; optionally (--curve) trains one epoch with
-and without length-grouped batches to show the loss curve is unaffected.
-Usage: python benchmarks/bench_train.py [--steps 20] [--curve] [--json out.json]
+Measures training examples/s (forward, backward and Adam step; paper configuration, batch 256,
+real ML-100K batches) of the reference and of each lever added in turn, then of every variant's
+objective relative to the baseline's. Time is this process's CPU time (time.process_time),
+which other processes on a shared machine barely disturb, unlike wall time; with --threads 1
+it equals wall time on an idle machine. Configurations run in interleaved rounds on the same
+batches and the best round counts (the ratios are the result; absolute figures depend on the
+machine). --curve trains one epoch with random and
+with length-grouped batches to show the loss curve is unaffected by grouping.
+Usage: python benchmarks/bench_train.py [--rounds 5] [--steps 8] [--threads 1] [--curve] [--json out.json]
 """
 import argparse
 import json
@@ -24,23 +28,17 @@ from fmpaper.objectives import Objective  # noqa: E402
 from reference import ReferenceSASRec  # noqa: E402
 
 
-def timed(step, batches_, warmup=3):
-    for ex in batches_[:warmup]:
-        step(ex)
-    t0 = time.perf_counter()
-    n = 0
-    for ex in batches_[warmup:]:
-        step(ex)
-        n += len(ex)
-    return n / (time.perf_counter() - t0)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration and round")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the fmpaper step")
     ap.add_argument("--curve", action="store_true", help="also train one epoch with/without length grouping")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = make_config("quick")
     data = load("ml-100k")
@@ -48,8 +46,8 @@ def main():
     n = len(obj.targets)
     ex_len = (obj.targets - data.offsets[obj.users]).clamp(max=cfg.max_len)
     gen = torch.Generator().manual_seed(0)
-    random_b = batches(n, cfg.batch_size, gen)[: args.steps + 3]
-    grouped_b = batches(n, cfg.batch_size, gen, ex_len)[: args.steps + 3]
+    random_b = batches(n, cfg.batch_size, gen)
+    grouped_b = batches(n, cfg.batch_size, gen, ex_len)
 
     def make_step(model, loss_fn):
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -60,6 +58,7 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
+            return float(loss.detach())
         return step
 
     def ce_all_positions(model, ex):    # fmpaper blocks, every position through every layer
@@ -75,59 +74,62 @@ def main():
         seq, lengths, target = obj.batch(ex)
         return F.cross_entropy(model.logits(model.encode(trim(seq, lengths), lengths)), target - 1)
 
-    rows = []
-    ref = timed(make_step(ReferenceSASRec(data.n_items, cfg), lambda m, ex: m.loss(*obj.batch(ex))), random_b)
-    rows.append(("reference: nn.TransformerEncoder, full mask", ref))
-    rows.append(("+ scaled_dot_product_attention blocks", timed(make_step(SASRec(data.n_items, cfg), ce_all_positions), random_b)))
-    rows.append(("+ last block only at the read position", timed(make_step(SASRec(data.n_items, cfg), ce_last), random_b)))
-    rows.append(("+ trim padding (random batches)", timed(make_step(SASRec(data.n_items, cfg), ce_trim), random_b)))
-    rows.append(("+ trim padding (length-grouped batches) = fmpaper", timed(make_step(SASRec(data.n_items, cfg), ce_trim), grouped_b)))
-    compiled = SASRec(data.n_items, cfg)
-    try:
-        cstep = make_step(compiled, torch.compile(ce_trim, dynamic=True))
-        rows.append(("+ torch.compile", timed(cstep, grouped_b, warmup=5)))
-    except Exception as e:  # no compiler on this machine
-        print(f"torch.compile skipped: {str(e).splitlines()[0]}")
-    fm = rows[4][1]
-    print(f"\n| configuration | examples/s | x reference | s per ML-100K epoch ({n} examples) |\n|---|---|---|---|")
-    for name, eps in rows:
-        print(f"| {name} | {eps:.0f} | {eps / ref:.2f} | {n / eps:.1f} |")
+    def variant_loss(v):
+        vobj, g = Objective(make_config("quick", variant=v), data), torch.Generator().manual_seed(1)
+        return lambda m, ex: vobj(m, ex, g)["loss"]
 
-    variants = []
+    new = lambda: SASRec(data.n_items, cfg)  # noqa: E731
+    configs = {  # name -> (step, batches)
+        "reference: nn.TransformerEncoder, explicit mask": (make_step(ReferenceSASRec(data.n_items, cfg), lambda m, ex: m.loss(*obj.batch(ex))), random_b),
+        "+ own blocks (fused attention without dropout, fast dropout)": (make_step(new(), ce_all_positions), random_b),
+        "+ last block only at the read position": (make_step(new(), ce_last), random_b),
+        "+ trim padding (random batches)": (make_step(new(), ce_trim), random_b),
+        "+ trim padding, length-grouped batches (fmpaper)": (make_step(new(), ce_trim), grouped_b),
+    }
+    if args.compile:
+        configs["+ torch.compile"] = (make_step(new(), torch.compile(ce_trim, dynamic=True)), grouped_b)
     for v in VARIANTS:
-        vcfg = make_config("quick", variant=v)
-        vobj = Objective(vcfg, data)
-        g = torch.Generator().manual_seed(1)
-        eps = timed(make_step(SASRec(data.n_items, vcfg), lambda m, ex: vobj(m, ex, g)["loss"]), grouped_b)
-        variants.append((v, eps))
-    base = variants[0][1]
+        configs[f"variant {v}"] = (make_step(SASRec(data.n_items, make_config("quick", variant=v)), variant_loss(v)), grouped_b)
+
+    best = {name: 0.0 for name in configs}
+    cursor = 10 * args.threads if args.threads else 10
+    for name, (step, bs) in configs.items():       # warm-up: first calls of each shape are slow
+        for ex in bs[:10]:
+            step(ex)
+    for r in range(args.rounds):
+        for name, (step, bs) in configs.items():
+            chunk = bs[cursor + r * args.steps: cursor + (r + 1) * args.steps]
+            t0 = time.process_time()
+            for ex in chunk:
+                step(ex)
+            best[name] = max(best[name], sum(map(len, chunk)) / (time.process_time() - t0))
+    ref = best["reference: nn.TransformerEncoder, explicit mask"]
+    base = best["variant sasrec"]
+    print(f"torch threads: {torch.get_num_threads()}; CPU time; best of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"\n| configuration | examples/s | x reference | s per ML-100K epoch ({n} examples) |\n|---|---|---|---|")
+    for name, eps in best.items():
+        if not name.startswith("variant"):
+            print(f"| {name} | {eps:.0f} | {eps / ref:.2f} | {n / eps:.1f} |")
     print("\n| variant | examples/s | step cost x sasrec |\n|---|---|---|")
-    for v, eps in variants:
-        print(f"| {v} | {eps:.0f} | {base / eps:.2f} |")
+    for name, eps in best.items():
+        if name.startswith("variant"):
+            print(f"| {name[8:]} | {eps:.0f} | {base / eps:.2f} |")
 
     curve = {}
     if args.curve:
         for name, grouped in (("random", False), ("grouped", True)):
             torch.manual_seed(0)
-            model = SASRec(data.n_items, cfg)
-            losses = []
-            step = make_step(model, ce_trim)
+            step = make_step(new(), ce_trim)
             g = torch.Generator().manual_seed(0)
-            for ex in batches(n, cfg.batch_size, g, ex_len if grouped else None):
-                seq, lengths, target = obj.batch(ex)
-                loss = F.cross_entropy(model.logits(model.encode(trim(seq, lengths), lengths)), target - 1)
-                losses.append(float(loss))
-                step(ex)
-            curve[name] = losses
+            curve[name] = [step(ex) for ex in batches(n, cfg.batch_size, g, ex_len if grouped else None)]
         k = 25
-        print("\n| steps | loss, random batches | loss, length-grouped |\n|---|---|---|")
+        print("\n| steps | mean loss, random batches | mean loss, length-grouped batches |\n|---|---|---|")
         for i in range(0, len(curve["random"]), k * 3):
-            r = sum(curve["random"][i:i + k]) / len(curve["random"][i:i + k])
-            gr = sum(curve["grouped"][i:i + k]) / len(curve["grouped"][i:i + k])
-            print(f"| {i}-{i + k} | {r:.3f} | {gr:.3f} |")
+            r, gr = curve["random"][i:i + k], curve["grouped"][i:i + k]
+            print(f"| {i}-{i + len(r)} | {sum(r) / len(r):.3f} | {sum(gr) / len(gr):.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "levers": rows,
-                                               "variants": variants, "curve": curve}, indent=1))
+        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "examples_per_s": best,
+                                               "curve": curve}, indent=1))
 
 
 if __name__ == "__main__":
