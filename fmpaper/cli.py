@@ -100,7 +100,12 @@ def cmd_merge(a) -> None:
 def cmd_rows(a) -> None:
     from .experiments import rows
     for r in rows().values():
-        what = r.variant if r.kind == "train" else f"{r.method} {r.estimator or ''} {r.k or ''} of {'+'.join(r.members)}"
+        if r.kind == "train":
+            what = r.variant
+        elif r.kind == "ensemble":
+            what = f"output ensemble of {'+'.join(r.members)}"
+        else:
+            what = f"{r.method} {r.estimator or ''} {r.k or ''} of {'+'.join(r.members)}"
         print(f"{r.name:18s} {r.kind:8s} {what.strip():60s} {'' if r.paper else '(reference)'}")
 
 

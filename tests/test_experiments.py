@@ -94,3 +94,14 @@ def test_cli_fisher_and_merge(root, tmp_path):
     (bad / "small.json").write_text(fishers[0].with_suffix(".json").read_text())
     r = fm("merge", *members[:2], "--fisher", bad / "small.safetensors", fishers[1], "--out", tmp_path / "m2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "m2").exists()
+
+
+def test_merge_then_finetune(root, tmp_path):
+    from fmpaper.experiments import merge_runs
+    members = [run_dir(m, profile="smoke", root=root) for m in get_row("uniform").members]
+    m = merge_runs(members, tmp_path / "ft", finetune_epochs=1, progress=False)
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert m["finetune"] == {"epochs": 1, "objective": "sasrec (CE)"} and m["method"] == "uniform"
+    assert cfg["variant"] == "sasrec" and cfg["epochs"] == 1 and m["epochs_run"] == 1
+    with pytest.raises(FmpaperError, match="already holds"):
+        merge_runs(members, tmp_path / "ft", progress=False)

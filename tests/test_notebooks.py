@@ -1,0 +1,219 @@
+"""The notebook templates, executed with papermill on the smoke profile.
+
+Smoke runs are cached by the hash of their configuration under the runs root ($FMPAPER_RUNS,
+else runs/ of the checkout), so the session fixture computes the table once (a few minutes the
+first time on two cores) and every later session only reads it back. Files the notebooks write
+(tables, figures, executed notebooks) go to a temporary $FMPAPER_RESULTS.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from safetensors.torch import load_file
+
+from fmpaper import FmpaperError, reproduce
+from fmpaper.evaluate import metrics_from_ranks
+from fmpaper.experiments import rows, run_dir, run_row
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
+SMOKE = {"dataset": "ml-100k", "profile": "smoke"}
+
+
+@pytest.fixture(scope="session")
+def results_env(tmp_path_factory):
+    """A temporary $FMPAPER_RESULTS, inherited by the kernels papermill and nbval start."""
+    path = tmp_path_factory.mktemp("results")
+    old = os.environ.get("FMPAPER_RESULTS")
+    os.environ["FMPAPER_RESULTS"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FMPAPER_RESULTS", None)
+    else:
+        os.environ["FMPAPER_RESULTS"] = old
+
+
+@pytest.fixture(scope="session")
+def smoke_table():
+    """Every row of the table on the smoke profile, seed 0 (cached across sessions)."""
+    for name in rows():
+        run_row(name, "ml-100k", "smoke", 0, progress=False)
+    return {name: run_dir(name, "ml-100k", "smoke", 0) for name in rows()}
+
+
+@pytest.fixture(scope="session")
+def pages(tmp_path_factory, smoke_table, results_env):
+    """The book's page notebooks executed on the smoke profile into a temporary book folder."""
+    book = tmp_path_factory.mktemp("book")
+    return {p.stem: p for p in reproduce.run_pages("smoke", "ml-100k", [0], book_dir=book)}
+
+
+def outputs(path):
+    nb = nbformat.read(str(path), as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def record_of(path) -> dict:
+    found = [o["data"]["application/json"] for o in outputs(path) if "application/json" in o.get("data", {})]
+    assert len(found) == 1, f"{path.name}: expected one JSON record, found {len(found)}"
+    return found[0]
+
+
+def assert_close_metrics(got: dict, want: dict, tol: float = 1e-9):
+    assert set(got) == set(want)
+    for protocol in want:
+        for mode in want[protocol]:
+            for metric, v in want[protocol][mode].items():
+                assert abs(got[protocol][mode][metric] - v) <= tol, (protocol, mode, metric)
+
+
+# ----------------------------------------------------------------------------- templates
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
+def test_template_has_one_parameters_cell(path):
+    nb = nbformat.read(str(path), as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    assert 'profile = "smoke"' in tagged[0].source and 'dataset = "ml-100k"' in tagged[0].source
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "templates are stored unexecuted"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+# ----------------------------------------------------------------------------- row notebooks
+
+@pytest.mark.parametrize("row,template", [("baseline", "train_row"), ("fisher_topk_10", "merge_row"),
+                                          ("ensemble", "merge_row")])
+def test_row_notebook_metrics_match_run(row, template, tmp_path, smoke_table, results_env):
+    out = reproduce.execute(reproduce.template(template), tmp_path / f"{row}.ipynb",
+                            dict(SMOKE, row=row, seed=0), f"row {row}")
+    rec = record_of(out)
+    run = smoke_table[row]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert rec["row"] == row and rec["profile"] == "smoke" and rec["seed"] == 0
+    assert rec["hardware"] == metrics["hardware"]
+    assert_close_metrics(rec["test"], metrics["test"])
+    # and both agree with the metrics recomputed from the stored per-user ranks
+    ranks = load_file(str(run / "ranks.safetensors"))
+    for key, r in ranks.items():
+        protocol, mode = key.split(".")
+        for metric, v in metrics_from_ranks(r).items():
+            assert abs(rec["test"][protocol][mode][metric] - v) <= 1e-9, key
+    # the notebook labels its output: dataset, profile, seed, hardware, wall time
+    text = "\n".join(o.get("data", {}).get("text/plain", "") for o in outputs(out))
+    for label in ("ml-100k", "profile smoke", "seeds 0", metrics["hardware"], "Notebook executed"):
+        assert label in text
+
+
+def test_unknown_row_fails_clearly(tmp_path, results_env):
+    with pytest.raises(FmpaperError) as err:
+        reproduce.execute(reproduce.template("train_row"), tmp_path / "x.ipynb",
+                          dict(SMOKE, row="no_such_row", seed=0), "row no_such_row")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "row no_such_row" in msg and "cell" in msg and "FmpaperError" in msg
+    assert "unknown row 'no_such_row'" in msg and "baseline" in msg  # the valid rows are listed
+
+
+def test_wrong_parameter_type_names_row_and_parameter(tmp_path, results_env):
+    with pytest.raises(FmpaperError) as err:
+        reproduce.execute(reproduce.template("train_row"), tmp_path / "x.ipynb",
+                          dict(SMOKE, row="baseline", seed="zero"), "row baseline")
+    msg = str(err.value)
+    assert "parameter seed (row 'baseline')" in msg and "'zero'" in msg
+
+
+def test_row_of_the_wrong_kind_is_refused(tmp_path, results_env):
+    with pytest.raises(FmpaperError, match="row 'uniform' is a merge row; this notebook runs train rows"):
+        reproduce.execute(reproduce.template("train_row"), tmp_path / "x.ipynb",
+                          dict(SMOKE, row="uniform", seed=0), "row uniform")
+
+
+def test_reproduce_refuses_unknown_row_before_running():
+    with pytest.raises(FmpaperError, match="unknown row 'nope'; rows are: baseline"):
+        reproduce.reproduce(profile="smoke", rows=["baseline", "nope"], book=False, progress=False)
+
+
+def test_cli_reports_one_line_and_fails():
+    run = subprocess.run([sys.executable, "-m", "fmpaper", "reproduce", "--profile", "smoke", "--rows", "nope"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmpaper: error: unknown row 'nope'")
+
+
+def test_reproduce_rows_without_book(smoke_table, results_env):
+    out = reproduce.reproduce(profile="smoke", dataset="ml-100k", seeds=1, rows=["baseline", "uniform"],
+                              book=False, progress=False)
+    folder = results_env / "ml-100k-smoke"
+    assert [p.name for p in out["rows"]] == ["baseline-s0.ipynb", "uniform-s0.ipynb"]
+    for p in out["rows"]:
+        assert p.parent == folder / "notebooks"
+        assert not [o for o in outputs(p) if o["output_type"] == "error"]
+    for name in ("runs.csv", "table_paper.csv", "table_paper.md", "table_corrected.csv", "paired.csv", "paired.md"):
+        assert (folder / name).is_file(), name
+
+
+def test_failing_page_leaves_the_book_alone(tmp_path, results_env):
+    book = tmp_path / "book"
+    with pytest.raises(FmpaperError) as err:
+        reproduce.run_pages("smoke", str(tmp_path / "missing.inter"), [0], book_dir=book)
+    msg = str(err.value)
+    assert msg.startswith("book page data: cell [") and "no such .inter file" in msg and "\n" not in msg
+    assert not list(book.glob("*.ipynb"))  # nothing half-done reaches the book
+    kept = results_env / "missing-smoke" / "notebooks" / "failed-data.ipynb"
+    assert kept.is_file() and str(kept) in msg
+
+
+# ----------------------------------------------------------------------------- book pages
+
+def test_pages_executed_cleanly(pages):
+    assert set(pages) == set(reproduce.PAGES)
+    for name, path in pages.items():
+        outs = outputs(path)
+        assert not [o for o in outs if o["output_type"] == "error"], name
+        assert not [o for o in outs if o["output_type"] == "stream" and o["name"] == "stderr"], name
+        text = "\n".join(o.get("data", {}).get("text/plain", "") for o in outs)
+        assert "Notebook executed" in text and "profile smoke" in text, name
+        if name != "data":
+            assert "Provenance: dataset ml-100k · profile smoke · seeds 0" in text and "NOT RUN YET" not in text
+
+
+def test_results_page_tables_match_runs(pages, smoke_table, results_env):
+    import pandas as pd
+    folder = results_env / "ml-100k-smoke"
+    for protocol in ("paper", "corrected"):
+        table = pd.read_csv(folder / f"table_{protocol}.csv", index_col="row")
+        for row, run in smoke_table.items():
+            test = json.loads((run / "metrics.json").read_text())["test"][protocol]
+            for mode, name in (("full", "FULL"), ("uni100", "RANDOM"), ("pop100", "POPULAR")):
+                for k in (10, 20):
+                    assert abs(table.loc[row, f"{name} NDCG@{k} ours"] - test[mode][f"ndcg@{k}"]) <= 1e-9
+        assert table.loc["baseline", "FULL NDCG@10 paper"] > 0  # the paper's column is there
+    paired = pd.read_csv(folder / "paired.csv")
+    assert set(paired["reference"]) == {"best single model", "uniform merge"}
+    assert ((paired["ci_low"] <= paired["mean_diff"] + 1e-12) & (paired["mean_diff"] <= paired["ci_high"] + 1e-12)).all()
+    assert paired["p_wilcoxon"].between(0, 1).all()
+
+
+def test_figures_written(pages, results_env):
+    folder = results_env / "ml-100k-smoke" / "figures"
+    names = {"sequence_lengths", "paper_vs_ours", "fisher_time", "topk_mass", "weight_shares", "estimator_error"}
+    for name in names:
+        png = folder / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    images = [o for o in outputs(pages["figures"]) if "image/png" in o.get("data", {})]
+    assert len(images) == len(names) - 1
+
+
+def test_pages_reexecute_identically_with_nbval(pages, tmp_path):
+    """nbval re-executes the smoke-executed pages and compares every output (images aside) with
+    the stored one, after sanitising the execution stamp (tests/nbval_sanitize.cfg)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-sanitize-with",
+           str(SANITIZE), "--rootdir", str(tmp_path), *[str(p) for p in pages.values()]]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
