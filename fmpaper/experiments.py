@@ -13,7 +13,7 @@ import json
 import os
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .config import Config, make_config
 from .data import SeqData
 from .fisher import ESTIMATORS, compute_fisher, load_fisher, save_fisher
 from .merge import fisher_merge, uniform_merge
-from .train import load_data, load_run, train, finish_run
+from .train import finish_run, hardware, load_data, load_run, train
 
 ROWS_FILE = Path(__file__).with_name("rows.toml")
 
@@ -131,11 +131,11 @@ def fisher_of(member_dir: Path, estimator: str, k: int | None = None, batchwise:
     path = member_dir.parent / "fisher" / f"{member_dir.name}-{estimator}-{_hash([k, batchwise, authors])}.safetensors"
     if path.exists():
         return load_fisher(path)
-    run = load_run(member_dir, data=_data(Config.from_dict(json.loads((member_dir / "config.json").read_text()))))
+    run = _load(member_dir)
     seq, lengths, targets = validation_inputs(run.data)
     fisher, meta = compute_fisher(run.model, seq, lengths, targets, estimator, k=k, batchwise=batchwise,
                                   authors=authors, seed=run.cfg.seed, progress=progress, return_meta=True)
-    meta.update(run=member_dir.name, hardware=_hardware())
+    meta.update(run=member_dir.name, hardware=hardware())
     save_fisher(path, fisher, meta)
     return fisher, meta
 
@@ -143,11 +143,6 @@ def fisher_of(member_dir: Path, estimator: str, k: int | None = None, batchwise:
 def validation_inputs(data: SeqData):
     """Every user's validation input (the sequences the authors computed the Fisher on)."""
     return data.inputs(data.eval_targets("valid"), torch.arange(data.n_users))
-
-
-def _hardware() -> str:
-    from .train import hardware
-    return hardware()
 
 
 class Ensemble(torch.nn.Module):
@@ -184,9 +179,9 @@ def _combine(row: Row, member_dirs: list[Path], out: Path, progress: bool) -> di
 
 
 def _load(run_dir: Path):
-    cfg = Config.from_dict(json.loads((Path(run_dir) / "config.json").read_text())) \
-        if (Path(run_dir) / "config.json").is_file() else None
-    return load_run(run_dir, data=_data(cfg) if cfg else None)
+    """load_run, sharing one loaded dataset among the runs of a session."""
+    conf = Path(run_dir) / "config.json"
+    return load_run(run_dir, data=_data(Config.from_dict(json.loads(conf.read_text()))) if conf.is_file() else None)
 
 
 def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = None, lambdas=None,

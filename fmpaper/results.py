@@ -30,13 +30,8 @@ import torch
 
 from . import FmpaperError, __version__
 from .config import PROFILES, make_config
+from .evaluate import MODES, PROTOCOLS
 
-with warnings.catch_warnings():  # in a kernel without ipywidgets tqdm.auto warns once on import;
-    warnings.simplefilter("ignore")  # import it quietly here, before fmpaper.train does
-    import tqdm.auto  # noqa: F401
-
-MODES = ("full", "uni100", "pop100")
-PROTOCOLS = ("paper", "corrected")
 MODE_NAMES = {"full": "FULL", "uni100": "RANDOM", "pop100": "POPULAR"}
 METRICS = ("ndcg@10", "ndcg@20", "hr@10", "hr@20")
 # paper_table.csv column of each (mode, metric) the paper reports

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import FmpaperError
 from .config import Config
