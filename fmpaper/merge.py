@@ -21,22 +21,26 @@ import torch
 from . import FmpaperError
 
 
+def _match(ref: dict, other: dict, label: str, ref_label: str) -> None:
+    """FmpaperError unless `other` has exactly the tensor names and shapes of `ref`."""
+    for name, t in ref.items():
+        if name not in other:
+            raise FmpaperError(f"{label} has no entry for parameter {name}")
+        if tuple(other[name].shape) != tuple(t.shape):
+            raise FmpaperError(f"parameter {name} has shape {tuple(other[name].shape)} in {label}, "
+                               f"{tuple(t.shape)} in {ref_label}")
+    for name in other:
+        if name not in ref:
+            raise FmpaperError(f"{label} has parameter {name} that {ref_label} lacks")
+
+
 def _check_states(states, what: str = "model") -> list[str]:
     """Names of the parameters shared by all states; FmpaperError on any mismatch."""
     if not isinstance(states, (list, tuple)) or len(states) == 0:
         raise FmpaperError(f"need a non-empty list of {what} states")
-    names = list(states[0])
     for m, s in enumerate(states[1:], start=2):
-        for name in names:
-            if name not in s:
-                raise FmpaperError(f"{what} {m} has no parameter {name}")
-            if tuple(s[name].shape) != tuple(states[0][name].shape):
-                raise FmpaperError(f"parameter {name} has shape {tuple(s[name].shape)} in {what} {m}, "
-                                   f"{tuple(states[0][name].shape)} in {what} 1")
-        for name in s:
-            if name not in states[0]:
-                raise FmpaperError(f"{what} {m} has parameter {name} that {what} 1 lacks")
-    return names
+        _match(states[0], s, f"{what} {m}", f"{what} 1")
+    return list(states[0])
 
 
 def _check_fishers(states, fishers, names) -> None:
@@ -44,17 +48,10 @@ def _check_fishers(states, fishers, names) -> None:
         got = len(fishers) if isinstance(fishers, (list, tuple)) else type(fishers).__name__
         raise FmpaperError(f"need one Fisher per model: {len(states)} models, {got} Fishers")
     for m, f in enumerate(fishers, start=1):
+        _match(states[0], f, f"Fisher {m}", "the models")
         for name in names:
-            if name not in f:
-                raise FmpaperError(f"Fisher {m} has no entry for parameter {name}")
-            if tuple(f[name].shape) != tuple(states[0][name].shape):
-                raise FmpaperError(f"Fisher {m} of {name} has shape {tuple(f[name].shape)}, "
-                                   f"the parameter {tuple(states[0][name].shape)}")
             if not torch.isfinite(f[name]).all() or (f[name] < 0).any():
                 raise FmpaperError(f"Fisher {m} of {name} has negative, NaN or infinite entries")
-        for name in f:
-            if name not in states[0]:
-                raise FmpaperError(f"Fisher {m} has parameter {name} that the models lack")
 
 
 def _check_lambdas(lambdas, M: int) -> list[float]:

@@ -10,13 +10,7 @@ from fmpaper.fisher import (ESTIMATORS, check_compatible, compute_fisher, load_f
 from fmpaper.model import SASRec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine (OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_ITEMS = 20
 

@@ -9,13 +9,7 @@ from fmpaper.merge import fisher_merge, fisher_weight_shares, uniform_merge
 from fmpaper.model import SASRec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine (OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state(seed, scale=1.0):
