@@ -6,7 +6,9 @@ A run directory holds
   metrics.json       best epoch, validation NDCG@10, test metrics under both protocols, times
   history.json       per-epoch loss terms, validation NDCG@10 and seconds
 While training, everything lives in `<out>.partial/`, which also holds the state of the last
-finished epoch (weights, Adam moments, best weights; safetensors + JSON). A killed run restarts
+finished epoch (weights and Adam moments named by epoch, best weights, state.json; every file
+written to a temporary name and renamed, state.json last), so a kill at any instant leaves a
+consistent epoch to resume from. A killed run restarts
 from there; each epoch seeds its own shuffling and dropout, so a resumed run ends with the same
 weights as an uninterrupted one. The finished directory is renamed into place at the end.
 No pickle is ever written or loaded.
@@ -108,8 +110,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         model.load_state_dict(init)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if state["epoch"]:
-        model.load_state_dict(load_file(str(part / "last.safetensors"), device=str(device)))
-        _restore_optimizer(opt, model, load_file(str(part / "adam.safetensors")))
+        e = state["epoch"]
+        model.load_state_dict(load_file(str(part / f"last-{e}.safetensors"), device=str(device)))
+        _restore_optimizer(opt, model, load_file(str(part / f"adam-{e}.safetensors")))
     objective = Objective(cfg, data)
     ex_len = (objective.targets - data.offsets[objective.users]).clamp(max=cfg.max_len)
     n_ex = len(ex_len)
@@ -142,9 +145,12 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         else:
             state["bad"] += 1
         state["epoch"] = epoch
-        _save_tensors(part / "last.safetensors", model.state_dict())
-        _save_tensors(part / "adam.safetensors", _optimizer_tensors(opt, model))
+        # files named by epoch: a kill before state.json lands leaves the previous epoch's intact
+        _save_tensors(part / f"last-{epoch}.safetensors", model.state_dict())
+        _save_tensors(part / f"adam-{epoch}.safetensors", _optimizer_tensors(opt, model))
         _write_json(part / "state.json", state)                          # the epoch counts once this lands
+        for f in (f"last-{epoch - 1}.safetensors", f"adam-{epoch - 1}.safetensors"):
+            (part / f).unlink(missing_ok=True)
         if progress:
             print(f"{cfg.variant} epoch {epoch}: loss {state['history'][-1]['loss']:.4f} "
                   f"valid ndcg@10 {score:.4f} ({secs:.1f}s)", flush=True)
@@ -171,8 +177,9 @@ def finish_run(part: Path, out: Path, model: SASRec | None, data: SeqData, cfg: 
     if history is not None:
         _write_json(part / "history.json", history)
     (part / "config.json").write_text(cfg.to_json())
-    for f in ("last.safetensors", "adam.safetensors", "best.safetensors", "state.json"):
-        (part / f).unlink(missing_ok=True)
+    for f in [*part.glob("last-*.safetensors"), *part.glob("adam-*.safetensors"),
+              part / "best.safetensors", part / "state.json"]:
+        f.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, out)
     return metrics

@@ -90,6 +90,35 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_data, monkeypat
     assert ma == mb
 
 
+def test_kill_9_then_rerun_matches_uninterrupted(tmp_path, smoke_data):
+    """A real kill -9 at a random instant of the second epoch; the rerun resumes and ends equal."""
+    import os
+    import signal
+    import time
+    args = ["--profile", "smoke", "--variant", "cl4srec", "--epochs", "3", "--set", "patience=3", "--quiet"]
+    train(make_config("smoke", variant="cl4srec", epochs=3, patience=3), tmp_path / "straight", progress=False,
+          data=smoke_data)
+    cmd = [sys.executable, "-m", "fmpaper", "train", *args, "--out", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed.partial" / "state.json"
+    deadline = time.time() + 300
+    while not (state.exists() and json.loads(state.read_text())["epoch"] >= 1) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "killed").exists():
+        pytest.skip("the run finished before it could be killed")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert not (tmp_path / "killed.partial").exists()
+
+
 def test_cli_train_errors_leave_nothing(tmp_path):
     for args, msg in ((["--variant", "nope"], "unknown variant"), (["--profile", "huge"], "unknown profile"),
                       (["--set", "cl_temperature=0"], "cl_temperature"), (["--set", "mask_gamma=1.5"], "mask_gamma"),
