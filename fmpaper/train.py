@@ -83,6 +83,17 @@ def _restore_optimizer(opt: torch.optim.Adam, model: SASRec, t: dict) -> None:
                             "exp_avg_sq": t[f"exp_avg_sq.{name}"].to(p.device)}
 
 
+def _resumable(part: Path, cfg: Config) -> bool:
+    """`part` holds a finished epoch of this very config, with every file needed to go on."""
+    try:
+        if (part / "config.json").read_text() != cfg.to_json():
+            return False
+        e = json.loads((part / "state.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((part / f).is_file() for f in (f"last-{e}.safetensors", f"adam-{e}.safetensors", "best.safetensors"))
+
+
 def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | None = None,
           init: dict | None = None, extra: dict | None = None) -> dict:
     """Train `cfg` into run directory `out` (resuming `<out>.partial` if it holds the same config).
@@ -97,9 +108,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
     data = data or load_data(cfg)
     part = out.with_name(out.name + ".partial")
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [], "seconds": 0.0}
-    if (part / "state.json").exists() and (part / "config.json").read_text() == cfg.to_json():
+    if _resumable(part, cfg):
         state = json.loads((part / "state.json").read_text())
-    else:
+    else:                                                                # nothing usable: start clean
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
         (part / "config.json").write_text(cfg.to_json())
