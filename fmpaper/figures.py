@@ -48,7 +48,7 @@ def _log_ticks(ax, lo, hi) -> None:
     """Log x axis with plain 1-2-5 tick labels."""
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
     ax.set_xscale("log")
-    ticks = [m * 10 ** e for e in range(0, 7) for m in (1, 2, 5) if lo <= m * 10 ** e <= hi * 1.5]
+    ticks = [m * 10 ** e for e in range(-3, 7) for m in (1, 2, 5) if lo / 1.5 <= m * 10 ** e <= hi * 1.5]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -273,7 +273,8 @@ def estimator_error(err: pd.DataFrame, caption: str | None = None) -> Figure:
                                 textcoords="offset points", fontsize=7)
         ax.axvline(float(m["exact_seconds"].mean()), color=ESTIMATOR_COLORS["exact"], linestyle=":",
                    label="cost of the exact Fisher")
-        ax.set_xscale("log")
+        lo = float(min(m["seconds"].min(), m["exact_seconds"].min()))
+        _log_ticks(ax, lo, float(max(m["seconds"].max(), m["exact_seconds"].max())))
         ax.set_xlabel("seconds per model (log)")
         ax.set_title(title, fontsize=9)
         _style(ax)
