@@ -65,6 +65,7 @@ from torch.func import functional_call, jacrev, vmap
 from tqdm import tqdm
 
 from . import FmpaperError
+from .merge import check_same_tensors
 
 ESTIMATORS = ("exact", "target", "random", "topk", "model", "bruteforce")
 SAMPLED = ("target", "random", "topk", "model")
@@ -222,15 +223,7 @@ def check_compatible(fisher: dict, model_state) -> None:
     """Raise FmpaperError naming the first parameter whose Fisher is missing or misshapen."""
     if isinstance(model_state, nn.Module):
         model_state = model_state.state_dict()
-    for name, t in model_state.items():
-        if name not in fisher:
-            raise FmpaperError(f"Fisher has no entry for parameter {name}")
-        if tuple(fisher[name].shape) != tuple(t.shape):
-            raise FmpaperError(f"Fisher of {name} has shape {tuple(fisher[name].shape)}, "
-                               f"the model's is {tuple(t.shape)}")
-    for name in fisher:
-        if name not in model_state:
-            raise FmpaperError(f"Fisher has parameter {name} that the model lacks")
+    check_same_tensors(model_state, fisher, "the Fisher", "the model")
 
 
 # ----------------------------------------------------------------------------- checks, sampling

@@ -21,7 +21,7 @@ import torch
 from . import FmpaperError
 
 
-def _match(ref: dict, other: dict, label: str, ref_label: str) -> None:
+def check_same_tensors(ref: dict, other: dict, label: str, ref_label: str) -> None:
     """FmpaperError unless `other` has exactly the tensor names and shapes of `ref`."""
     for name, t in ref.items():
         if name not in other:
@@ -39,7 +39,7 @@ def _check_states(states, what: str = "model") -> list[str]:
     if not isinstance(states, (list, tuple)) or len(states) == 0:
         raise FmpaperError(f"need a non-empty list of {what} states")
     for m, s in enumerate(states[1:], start=2):
-        _match(states[0], s, f"{what} {m}", f"{what} 1")
+        check_same_tensors(states[0], s, f"{what} {m}", f"{what} 1")
     return list(states[0])
 
 
@@ -48,7 +48,7 @@ def _check_fishers(states, fishers, names) -> None:
         got = len(fishers) if isinstance(fishers, (list, tuple)) else type(fishers).__name__
         raise FmpaperError(f"need one Fisher per model: {len(states)} models, {got} Fishers")
     for m, f in enumerate(fishers, start=1):
-        _match(states[0], f, f"Fisher {m}", "the models")
+        check_same_tensors(states[0], f, f"Fisher {m}", "the models")
         for name in names:
             if not torch.isfinite(f[name]).all() or (f[name] < 0).any():
                 raise FmpaperError(f"Fisher {m} of {name} has negative, NaN or infinite entries")
