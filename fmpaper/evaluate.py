@@ -16,7 +16,6 @@ Both are seeded here (the authors' sampler was not), so every number can be re-r
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
