@@ -115,9 +115,26 @@ def cmd_row(a) -> None:
     print(json.dumps({"run": str(run_dir(a.name, a.dataset, a.profile, a.seed)), "test": m["test"]}, indent=2))
 
 
+def _parse_seeds(text: str):
+    """'3' -> 3 (seeds 0..2); '3,4' -> [3, 4]; '3-5' -> [3, 4, 5]."""
+    try:
+        if text.isdigit():
+            return int(text)
+        if "-" in text and "," not in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            if lo <= hi:
+                return list(range(lo, hi + 1))
+        elif "," in text:
+            return [int(x) for x in text.split(",")]
+    except ValueError:
+        pass
+    raise FmpaperError(f"--seeds takes N (seeds 0..N-1), a list like 3,4 or a range like 3-5; got {text!r}")
+
+
 def cmd_reproduce(a) -> None:
     from .reproduce import reproduce
-    reproduce(profile=a.profile, dataset=a.dataset, seeds=a.seeds, rows=a.rows, book=not a.no_book)
+    reproduce(profile=a.profile, dataset=a.dataset, seeds=_parse_seeds(a.seeds), rows=a.rows,
+              book=not a.no_book, jobs=a.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("reproduce", help="every row through papermill, then the book")
     x.add_argument("--profile", default="quick", choices=tuple(PROFILES))
     x.add_argument("--dataset", help="default: the profile's")
-    x.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1")
+    x.add_argument("--seeds", default="1", help="N: seeds 0..N-1; or a list 3,4 or a range 3-5")
+    x.add_argument("--jobs", type=int, default=1,
+                   help="rows run at a time, each with cores/jobs threads (2 on a 2-core machine)")
     x.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     x.add_argument("--no-book", action="store_true", help="skip the book build")
     x.set_defaults(func=cmd_reproduce)

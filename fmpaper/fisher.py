@@ -14,7 +14,7 @@ inputs) and averaged over them. Estimators (`estimator=`):
   topk        the k most probable items, sum p_v g_v^2 (truncated: biased low)
   model       k draws v ~ p with replacement, (1/k) sum g_v^2 (unbiased)
 
-The sampled estimators sum per-example squared gradients (torch.func vmap of jacrev), or with
+The sampled estimators sum per-example squared gradients (in closed form, below), or with
 `batchwise=True` use the poster's batch approximation: per batch b and slot j,
 (sum_{i in b} w_ij) * (grad sum_{i in b} log p(v_ij|s_i))^2 / |b|, summed over batches and
 divided by N, so a batch of one is exactly the per-example estimate.
@@ -44,6 +44,18 @@ dw = sum_t G * xhat, db = sum_t G. Position row t uses dh/dx[t]; item row u uses
 dh/dx[t] over the positions holding u (summed before squaring). Padding never reaches h (causal
 attention read at the last real position): row 0 stays 0, and so does the mask-token row unless
 the inputs contain the mask token.
+
+Sampled estimators, same machinery
+----------------------------------
+A sampled estimator is sum_j w_j g_{v_j}^2 over k drawn items v_j with weights w_j >= 0. With
+rows R_j = sqrt(w_j) a_{v_j} (k x d), W = sum_j w_j and m_u = sum_{j: v_j = u} w_j:
+  1. sum_j w_j (J^T a_{v_j})^2 = sum_j ((R J)_j)^2: k backward passes instead of d.
+  2. sum_j w_j O_{v_j}[(u, c)]^2 = (W p_u^2 + m_u (1 - 2 p_u)) h_c^2.
+  3. 2 h_c sum_j sqrt(w_j) ([v_j = u] - p_u) (R J)_j[(u, c)] for input rows u.
+The exact Fisher is the case w = p over all items (W = 1, m_u = p_u, sum_v p_v a_v = 0), where
+the eigendecomposition of C brings the k = |V| rows down to d. With the authors' temperature T
+(logits / T), a_v and h are divided by T. `method="autograd"` computes the same sums from
+explicit per-example gradients (torch.func), the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -88,15 +100,20 @@ except ImportError:  # torch < 2.3: correct, only slower
 # ----------------------------------------------------------------------------- public API
 
 def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=False, authors=False,
-                   batch_size=64, seed=0, progress=True, dtype=None, return_meta=False):
+                   batch_size=64, seed=0, progress=True, dtype=None, return_meta=False,
+                   method="closed"):
     """Diagonal Fisher of every parameter of `model` (SASRec) over sequences seq (N, L) with
     lengths (N,) and target items (N,) (targets only needed by 'target'). Returns
     {name: tensor like the parameter} on the CPU (and a meta dict with `return_meta`).
 
     k: items per sequence for random/topk/model. batch_size: sequences per step (the batch of
     the batch-wise formula; otherwise only a unit of work). dtype: compute in this dtype
-    (default: the model's). The model itself is left untouched (a copy is put in eval mode)."""
+    (default: the model's). method: "closed" (rows of R J, module docstring) or "autograd"
+    (explicit per-example gradients: slow, the reference). The model itself is left untouched
+    (a copy is put in eval mode)."""
     n_items = _check(model, seq, lengths, targets, estimator, k, batchwise, authors, batch_size)
+    if method not in ("closed", "autograd"):
+        raise FmpaperError(f"method must be 'closed' or 'autograd', got {method!r}")
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()
     if dtype is not None:
@@ -108,9 +125,9 @@ def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=Fa
     acc = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     temperature = AUTHORS_TEMPERATURE if authors else 1.0
 
-    if estimator == "exact":
-        _exact(model, seq, lengths, acc, batch_size, progress)
-    elif estimator == "bruteforce":
+    if estimator == "exact" and method == "closed":
+        _closed(model, seq, lengths, acc, batch_size, progress, "exact")
+    elif estimator in ("exact", "bruteforce"):
         def draw(idx):  # every item, weighted by its probability
             p = _probs(model, seq[idx], lengths[idx], 1.0)                  # (B, n)
             items = torch.arange(1, n_items + 1, device=device).expand(len(idx), n_items)
@@ -122,6 +139,8 @@ def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=Fa
                                2 if authors else 1, gen)
         if batchwise:
             _batchwise(model, seq, lengths, items, weights, temperature, acc, batch_size, progress, estimator)
+        elif method == "closed":
+            _closed(model, seq, lengths, acc, batch_size, progress, estimator, items, weights, temperature)
         else:
             _per_example(model, seq, lengths, lambda idx: (items[idx], weights[idx]), temperature,
                          acc, batch_size, progress, estimator)
@@ -131,7 +150,7 @@ def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=Fa
     if not return_meta:
         return fisher
     meta = {"estimator": estimator, "k": k, "batchwise": bool(batchwise), "authors": bool(authors),
-            "seed": seed, "batch_size": batch_size, "sequences": len(seq),
+            "seed": seed, "batch_size": batch_size, "sequences": len(seq), "method": method,
             "seconds": round(time.perf_counter() - t0, 3), "dtype": str(next(model.parameters()).dtype)}
     return fisher, meta
 
@@ -386,28 +405,33 @@ def _record_layers(model):
             h.remove()
 
 
-def _exact(model, seq, lengths, acc, batch_size, progress):
+def _closed(model, seq, lengths, acc, batch_size, progress, name, items=None, weights=None,
+            temperature=1.0):
+    """Exact Fisher (items None) or a sampled one (items, weights (N, K)) in closed form."""
     layered = {f"{pre}.{n}" for pre, m in model.named_modules()
                if isinstance(m, (nn.Linear, nn.LayerNorm)) for n, _ in m.named_parameters(recurse=False)}
     others = set(acc) - layered - {"item_emb.weight", "pos_emb.weight"}
     if others:  # the closed form knows these layer types only
-        raise FmpaperError(f"exact Fisher supports Linear/LayerNorm layers only; {sorted(others)[0]} is neither")
-    # memory per sequence at peak: d copies of (every layer output twice, the largest weight
-    # Jacobian three times, four position Jacobians) -> sequences per chunk
+        raise FmpaperError(f"closed-form Fisher supports Linear/LayerNorm layers only; {sorted(others)[0]} is neither")
+    # memory per sequence at peak: r cotangent rows of (every layer output twice, the largest
+    # weight Jacobian three times, four position Jacobians) -> sequences per chunk
     d, L = model.item_emb.embedding_dim, seq.shape[1]
+    r = d if items is None else items.shape[1]
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))]
     outputs = L * sum(m.weight.shape[0] for m in layers if m.weight is not None)
     largest = max(m.weight.numel() for m in layers if m.weight is not None)
-    per_seq = d * (2 * outputs + 3 * largest + 4 * L * d) * acc["item_emb.weight"].element_size()
+    per_seq = r * (2 * outputs + 3 * largest + 4 * L * d) * acc["item_emb.weight"].element_size()
     chunk = max(1, min(batch_size, _budget(seq.device) // per_seq))
-    order = torch.argsort(lengths.cpu(), stable=True).to(seq.device)
-    for idx in tqdm(list(order.split(chunk)), desc="fisher exact", disable=not progress):
+    order = torch.argsort(lengths.cpu(), stable=True).to(seq.device)     # similar lengths: less padding
+    for idx in tqdm(list(order.split(chunk)), desc=f"fisher {name}", disable=not progress):
         n = lengths[idx]
-        _exact_step(model, seq[idx][:, : int(n.max())], n, acc)
+        drawn = None if items is None else (items[idx], weights[idx])
+        _closed_step(model, seq[idx][:, : int(n.max())], n, acc, drawn, temperature)
 
 
-def _exact_step(model, seq, lengths, acc):
-    """acc += sum over the batch of the per-sequence exact Fisher (module docstring)."""
+def _closed_step(model, seq, lengths, acc, drawn, temperature):
+    """acc += sum over the batch of the per-sequence Fisher (module docstring): exact when
+    drawn is None, else the sampled sum over drawn = (items (B, K), weights (B, K))."""
     B, L = seq.shape
     n = model.n_items
     E_all = model.item_emb.weight                                         # (n + 2, d)
@@ -417,24 +441,45 @@ def _exact_step(model, seq, lengths, acc):
         h = model.encode_embedded(x, lengths)                            # (B, d)
     d = h.shape[1]
     hd = h.detach()
-    p = torch.softmax(hd @ E.T, dim=-1)                                   # (B, n)
+    p = torch.softmax(hd @ E.T / temperature, dim=-1)                     # (B, n)
     ebar = p @ E                                                          # (B, d)
-    # C = sum_v p_v a_v a_v^T = R^T R with R = Lambda^1/2 U^T; eigh in float64 (d x d is tiny)
-    A = (E[None] - ebar[:, None]).double()                                # (B, n, d)
-    C = torch.einsum("bn,bnk,bnl->bkl", p.double(), A, A)                 # (B, d, d)
-    lam, U = torch.linalg.eigh(C)                                         # ascending
-    root = lam.clamp(min=0).sqrt()                                        # (B, d)
-    R = (root[:, :, None] * U.transpose(1, 2)).to(hd.dtype)               # (B, d, d)
+    hs = hd / temperature                                                 # d z / d E_u = (delta - p) h / T
+    a_in = (E_all[seq] - ebar[:, None]) / temperature                     # (B, L, d)  a_u, u = seq[t]
+    p_in = F.pad(p, (1, 1)).gather(1, seq)                                # (B, L): 0 for pad and mask rows
+
+    if drawn is None:
+        # C = sum_v p_v a_v a_v^T = R^T R with R = Lambda^1/2 U^T; eigh in float64 (d x d is tiny)
+        A = (E[None] - ebar[:, None]).double()                            # (B, n, d)
+        C = torch.einsum("bn,bnk,bnl->bkl", p.double(), A, A)             # (B, d, d)
+        lam, U = torch.linalg.eigh(C)                                     # ascending
+        root = lam.clamp(min=0).sqrt()                                    # (B, d)
+        R = (root[:, :, None] * U.transpose(1, 2)).to(hd.dtype)           # (B, d, d)
+        # rows with lambda_i = 0 are exactly zero: skipped
+        rows = [i for i in range(d) if bool((root[:, i] > 0).any())]
+        # term 3 needs p_u a_u^T J = p_u sum_i (u_i . a_u / sqrt(lam_i)) (R J)_i; where lam_i = 0,
+        # u_i . a_u = 0 for every item with p_u > 0 (and p_u = 0 kills term 3)
+        coef = torch.einsum("bki,btk->bti", U, a_in.double())             # (B, L, d)  u_i . a_u
+        coef = torch.where(root[:, None] > 0, coef / root.clamp(min=1e-300)[:, None], 0.0)
+        coef3 = (p_in[..., None] * coef[..., rows]).to(hd.dtype)           # (B, L, r)
+        q = p * (1 - p)                                                   # (B, n) term 2
+    else:
+        items, w = drawn                                                  # (B, K) each
+        sw = w.to(hd.dtype).sqrt()
+        R = sw[..., None] * (E_all[items] - ebar[:, None]) / temperature   # (B, K, d)
+        rows = list(range(items.shape[1]))
+        hit = (seq[:, :, None] == items[:, None, :]).to(hd.dtype)         # (B, L, K) [v_j = u]
+        coef3 = sw[:, None] * (hit - p_in[..., None])                     # (B, L, K)
+        m = torch.zeros_like(p).scatter_add_(1, items - 1, w.to(p.dtype))  # (B, n) weight on item u
+        q = w.sum(1, keepdim=True).to(p.dtype) * p.square() + m * (1 - 2 * p)  # (B, n) term 2
 
     # backward pass i carries cotangent R[b, i] for every sequence b at once: it yields row i
-    # of R J for every layer output and for x. Rows with lambda_i = 0 are exactly zero: skipped.
+    # of R J for every layer output and for x
     outs = [out for _, _, _, out in calls]
-    rows = [i for i in range(d) if bool((root[:, i] > 0).any())]
     per_row = [torch.autograd.grad(h, [x] + outs, grad_outputs=R[:, i], retain_graph=i != rows[-1],
                                    allow_unused=True) for i in rows]
     RJx = torch.stack([g[0] for g in per_row], 1)                         # (B, r, L, d)
 
-    # 1. layers: per-example weight gradients of the rotated rows, squared, summed over rows
+    # 1. layers: per-example weight gradients of the rows, squared, summed over rows
     for j, (prefix, mod, X, out) in enumerate(calls):
         G = torch.stack([torch.zeros_like(out) if g[j + 1] is None else g[j + 1] for g in per_row], 1)
         G = G.flatten(2, -2)                                              # (B, r, T, out)
@@ -460,17 +505,10 @@ def _exact_step(model, seq, lengths, acc):
     first = real & ~(same & earlier).any(-1)                              # (B, L) first occurrence
     RJagg = torch.einsum("btu,biuc->bitc", same.to(RJx.dtype), RJx)       # (B, r, L, d)
     t1 = RJagg.square().sum(1)                                            # (B, L, d)  term 1
-    # term 3 needs a_u^T J = sum_i (u_i . a_u)(u_i^T J) = sum_i (u_i . a_u / sqrt(lam_i)) (R J)_i;
-    # where lam_i = 0, u_i . a_u = 0 for every item with p_u > 0 (and p_u = 0 kills term 3)
-    a_in = (E_all[seq] - ebar[:, None]).double()                          # (B, L, d)  a_u, u = seq[t]
-    coef = torch.einsum("bki,btk->bti", U, a_in)                          # (B, L, d)  u_i . a_u
-    coef = torch.where(root[:, None] > 0, coef / root.clamp(min=1e-300)[:, None], 0.0)[..., rows]
-    aJ = torch.einsum("bti,bitc->btc", coef.to(RJagg.dtype), RJagg)        # (B, L, d)  a_u^T J
-    p_in = F.pad(p, (1, 1)).gather(1, seq)                                # (B, L): 0 for pad and mask rows
-    t3 = 2 * hd[:, None] * p_in[..., None] * aJ                           # term 3
+    t3 = 2 * hs[:, None] * torch.einsum("bti,bitc->btc", coef3, RJagg)    # (B, L, d)  term 3
     acc["item_emb.weight"].index_add_(0, seq.flatten(), ((t1 + t3) * first[..., None]).flatten(0, 1))
     # item rows, output use: term 2
-    acc["item_emb.weight"][1:n + 1] += (p * (1 - p)).T @ hd.square()
+    acc["item_emb.weight"][1:n + 1] += q.T @ hs.square()
 
 
 def _budget(device) -> int:

@@ -14,6 +14,7 @@ cell; the executed notebook holding the full traceback is kept and named in that
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -107,32 +108,83 @@ def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
         nbformat.write(nb, str(path))
 
 
+# relative cost of training each variant (benchmarks/results_train.json, per step vs sasrec):
+# the longest trainings start first when rows run in parallel
+TRAIN_COST = {"sasrec": 1.0, "duorec_unsup": 1.9, "duorec_sup": 2.5, "cl4srec": 3.2, "duorec_supunsup": 3.5}
+
+
 def _row_plan(rows, seeds):
+    """[(seed, row, kind)] in the order to start them: every requested row plus the trained
+    rows it combines; trained rows first, the costliest first."""
     from .experiments import get_row
     from .experiments import rows as all_rows
     names = list(all_rows()) if rows is None else list(rows)
     for n in names:
         get_row(n)  # FmpaperError listing the rows for an unknown name
-    # trained rows before the rows that combine them (their notebooks then only read the cache)
-    names.sort(key=lambda n: get_row(n).kind != "train")
+    names += [m for n in names for m in get_row(n).members if m not in names]
+    names = list(dict.fromkeys(names))
+    names.sort(key=lambda n: (get_row(n).kind != "train", -TRAIN_COST.get(get_row(n).variant, 0)))
     return [(s, n, get_row(n).kind) for s in seeds for n in names]
 
 
-def run_rows(profile: str, dataset: str | None, seeds: list[int], rows=None, progress: bool = True) -> list[Path]:
-    """Execute the row notebooks; returns the executed notebooks."""
+def _execute_row(task, profile, dataset, folder) -> Path:
+    seed, name, kind = task
+    params = {"row": name, "dataset": dataset, "profile": profile, "seed": seed}
+    return execute(template(ROW_TEMPLATES[kind]), folder / f"{name}-s{seed}.ipynb", params,
+                   f"row {name} (seed {seed})")
+
+
+def _worker_threads(threads: int) -> None:
+    # the kernels papermill starts inherit these: one job's share of the cores
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def run_rows(profile: str, dataset: str | None, seeds: list[int], rows=None, progress: bool = True,
+             jobs: int = 1) -> list[Path]:
+    """Execute the row notebooks, `jobs` at a time (each with cores/jobs threads; a combined row
+    starts once its members are trained); returns the executed notebooks in plan order."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
     from tqdm import tqdm
 
+    from .experiments import get_row
     from .results import results_dir
     plan = _row_plan(rows, seeds)
     folder = results_dir(dataset, profile) / "notebooks"
-    done = []
-    bar = tqdm(plan, desc="rows", unit="row", disable=not progress)
-    for seed, name, kind in bar:
-        bar.set_postfix_str(f"{name} s{seed}")
-        params = {"row": name, "dataset": dataset, "profile": profile, "seed": seed}
-        out = folder / f"{name}-s{seed}.ipynb"
-        done.append(execute(template(ROW_TEMPLATES[kind]), out, params, f"row {name} (seed {seed})"))
-    return done
+    bar = tqdm(total=len(plan), desc="rows", unit="row", disable=not progress)
+    if jobs == 1:
+        done = []
+        for task in plan:
+            bar.set_postfix_str(f"{task[1]} s{task[0]}")
+            done.append(_execute_row(task, profile, dataset, folder))
+            bar.update()
+        return done
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    needs = {t: {(t[0], m, "train") for m in get_row(t[1]).members} for t in plan}
+    finished, running, waiting, error = {}, {}, list(plan), None
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_threads,
+                             initargs=(threads,)) as pool:
+        while (waiting and error is None) or running:
+            while error is None and len(running) < jobs:
+                ready = [t for t in waiting if needs[t] <= finished.keys()]
+                if not ready:
+                    break
+                waiting.remove(ready[0])
+                running[pool.submit(_execute_row, ready[0], profile, dataset, folder)] = ready[0]
+            if not running:  # nothing can start: a member failed
+                break
+            for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
+                task = running.pop(fut)
+                try:
+                    finished[task] = fut.result()
+                except FmpaperError as e:
+                    error = error or e
+                bar.update()
+    if error is not None:
+        raise error
+    return [finished[t] for t in plan]
 
 
 def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Path | None = None,
@@ -196,9 +248,12 @@ def build_book(book_dir: Path | None = None, output: Path | None = None) -> Path
 
 
 def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=None, book: bool = True,
-              progress: bool = True) -> dict:
-    """Every row (for seeds 0..seeds-1) through its notebook, then the book (unless book=False:
-    then only the result tables are written). Returns what was written."""
+              progress: bool = True, jobs: int = 1) -> dict:
+    """Every row (for seeds 0..seeds-1, or the listed seeds) through its notebook, `jobs` rows
+    at a time, then the book (unless book=False: then only the result tables are written).
+    Returns what was written."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise FmpaperError(f"jobs must be a positive integer, got {jobs!r}")
     from .results import check_params, results_dir, write_tables
     if profile not in PROFILES:
         raise FmpaperError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -208,9 +263,10 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     _row_plan(rows, seed_list)  # validate before anything runs
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
-    say(f"fmpaper reproduce: profile {profile}, dataset {p['dataset']}, seeds {seed_list}")
-    notebooks = run_rows(profile, dataset, seed_list, rows, progress)
-    say(f"rows done: executed notebooks in {results_dir(dataset, profile) / 'notebooks'}")
+    say(f"fmpaper reproduce: profile {profile}, dataset {p['dataset']}, seeds {seed_list}, {jobs} job(s)")
+    notebooks = run_rows(profile, dataset, seed_list, rows, progress, jobs)
+    say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
+        f"{results_dir(dataset, profile) / 'notebooks'}")
     out = {"rows": notebooks, "pages": [], "html": None}
     if not book:
         write_tables(dataset, profile, seed_list)

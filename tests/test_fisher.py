@@ -87,6 +87,19 @@ def test_exact_does_not_depend_on_batching_or_padding():
     assert_same(trimmed, sub)
 
 
+@pytest.mark.parametrize("estimator,k,authors", [("target", None, False), ("target", None, True),
+                                                   ("random", 7, False), ("topk", 5, False),
+                                                   ("model", 6, False)])
+def test_sampled_closed_form_equals_per_example_autograd(estimator, k, authors):
+    model = tiny_model(2)
+    seq = SEQ.clone()
+    seq[0, 1] = N_ITEMS + 1  # the mask token in an input, and items drawn that are also inputs
+    closed = fisher(estimator, model, seq=seq, k=k, authors=authors, seed=3)
+    reference = fisher(estimator, model, seq=seq, k=k, authors=authors, seed=3, method="autograd")
+    assert_same(closed, reference)
+    assert flat(closed).abs().max() > 0
+
+
 def test_topk_and_random_with_all_items_equal_bruteforce():
     model = tiny_model()
     brute = fisher("bruteforce", model)
@@ -191,6 +204,7 @@ def test_dtype_argument_and_model_left_untouched():
     dict(estimator="random"), dict(estimator="exact", k=3), dict(estimator="fisherish"),
     dict(estimator="random", k=3, authors=True), dict(estimator="exact", batchwise=True),
     dict(estimator="bruteforce", batchwise=True), dict(estimator="target", batch_size=0),
+    dict(estimator="exact", method="numeric"),
 ])
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(FmpaperError):

@@ -146,11 +146,24 @@ def test_cli_reports_one_line_and_fails():
     assert len(lines) == 1 and lines[0].startswith("fmpaper: error: unknown row 'nope'")
 
 
+@pytest.mark.parametrize("args,message", [(["--seeds", "2-1"], "--seeds takes N"),
+                                          (["--seeds", "a,b"], "--seeds takes N"),
+                                          (["--jobs", "0"], "jobs must be a positive integer")])
+def test_cli_bad_seeds_or_jobs(args, message):
+    run = subprocess.run([sys.executable, "-m", "fmpaper", "reproduce", "--profile", "smoke", *args],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
 def test_reproduce_rows_without_book(smoke_table, results_env):
+    # two at a time; the uniform merge brings its three members, which start first (costliest first)
     out = reproduce.reproduce(profile="smoke", dataset="ml-100k", seeds=1, rows=["baseline", "uniform"],
-                              book=False, progress=False)
+                              book=False, progress=False, jobs=2)
     folder = results_env / "ml-100k-smoke"
-    assert [p.name for p in out["rows"]] == ["baseline-s0.ipynb", "uniform-s0.ipynb"]
+    assert [p.name for p in out["rows"]] == ["duorec_supunsup-s0.ipynb", "duorec_sup-s0.ipynb",
+                                             "duorec_unsup-s0.ipynb", "baseline-s0.ipynb", "uniform-s0.ipynb"]
     for p in out["rows"]:
         assert p.parent == folder / "notebooks"
         assert not [o for o in outputs(p) if o["output_type"] == "error"]
