@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SEEDS ?= 4   # the book's seeds 0..SEEDS-1
+JOBS ?= 2    # rows trained at a time (fmpaper reproduce --jobs)
 
 .PHONY: reproduce test venv bench
 
@@ -15,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 reproduce: $(STAMP)
-	$(VENV)/bin/fmpaper reproduce --profile quick --dataset ml-100k
+	$(VENV)/bin/fmpaper reproduce --profile quick --dataset ml-100k --seeds $(SEEDS) --jobs $(JOBS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -42,6 +42,7 @@ class Row:
     members: tuple = ()                # merge/ensemble rows: names of the train rows combined
     finetune_epochs: int = 0           # CE epochs after merging (the authors used 10)
     paper: bool = True                 # False: a reference row the paper does not have
+    settings: tuple = ()               # train rows: Config overrides, ((field, value), ...)
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +54,8 @@ def rows() -> dict[str, Row]:
         if r["kind"] != "train":
             r.setdefault("members", defaults["members"])
             r.setdefault("finetune_epochs", defaults["finetune_epochs"])
-        out[r["name"]] = Row(**{**r, "members": tuple(r.get("members", ()))})
+        out[r["name"]] = Row(**{**r, "members": tuple(r.get("members", ())),
+                                "settings": tuple(sorted(r.get("settings", {}).items()))})
     return out
 
 
@@ -75,14 +77,15 @@ def _hash(obj) -> str:
 
 
 def train_config(row: Row, dataset: str | None, profile: str, seed: int, **overrides) -> Config:
-    return make_config(profile, variant=row.variant, dataset=dataset, seed=seed, **overrides)
+    return make_config(profile, variant=row.variant, dataset=dataset, seed=seed,
+                       **{**dict(row.settings), **overrides})
 
 
 def _identity(row: Row, dataset, profile, seed, overrides) -> dict:
     """What defines a run: its resolved config, and for combined rows its members' identities."""
     if row.kind == "train":
         return json.loads(train_config(row, dataset, profile, seed, **overrides).to_json())
-    ident = {k: v for k, v in row.__dict__.items() if k not in ("name", "label", "paper", "members")}
+    ident = {k: v for k, v in row.__dict__.items() if k not in ("name", "label", "paper", "members", "settings")}
     ident["members"] = [_identity(get_row(m), dataset, profile, seed, overrides) for m in row.members]
     return ident
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import FmpaperError
 from .config import PROFILES, make_config
 
-PAGES = ("data", "results", "figures", "protocols")
+PAGES = ("data", "results", "figures", "protocols", "anomalies")
 ROW_TEMPLATES = {"train": "train_row", "merge": "merge_row", "ensemble": "merge_row"}
 KERNEL = "python3"
 

@@ -553,7 +553,7 @@ def paired_tests(dataset=None, profile="quick", seeds=1, rows=None, k: int = 10,
     dataset, seeds = dataset or None, p["seeds"]
     found, _ = _run_dirs(dataset, profile, seeds)
     combined = [n for n, r in all_rows().items() if r.kind != "train"] if rows is None else list(rows)
-    trained = [n for n, r in all_rows().items() if r.kind == "train"]
+    trained = [n for n, r in all_rows().items() if r.kind == "train" and r.paper]  # the paper's five
     keys = [f"{pr}.{m}" for pr in PROTOCOLS for m in MODES]
     best = {}
     for s in seeds:
@@ -624,6 +624,26 @@ def show_paired(paired: pd.DataFrame, reference: str, prov: Provenance | None = 
             f"[{level:.0%} paired bootstrap CI, {paired.attrs.get('n_boot')} resamples] and two-sided "
             f"Wilcoxon signed-rank p (no correction for multiple comparisons).")
     return Captioned(t, f"Paired comparison against the {reference} · {who}", note)
+
+
+def verdict(paired: pd.DataFrame) -> Captioned:
+    """Which combined rows beat each reference, which lose to it and which are not resolved (the
+    bootstrap CI of the mean per-user difference above 0, below 0, or across 0), in FULL and in
+    the corrected sampled modes."""
+    a = paired.attrs
+    recs = {}
+    for ref in ("best single model", "uniform merge"):
+        sub = paired[(paired["reference"] == ref) & ((paired["mode"] == "full") & (paired["protocol"] == "paper")
+                                                    | (paired["protocol"] == "corrected") & (paired["mode"] != "full"))]
+        for mode, g in sub.groupby("mode", sort=False):
+            up, down = g["ci_low"] > 0, g["ci_high"] < 0
+            recs[(ref, MODE_NAMES[mode] + ("" if mode == "full" else " (corrected)"))] = {
+                what: ", ".join(g.loc[mask, "row"]) or "none"
+                for what, mask in (("better", up), ("worse", down), ("not resolved", ~up & ~down))}
+    t = pd.DataFrame(recs).T if recs else pd.DataFrame(columns=["better", "worse", "not resolved"])
+    note = (f"Per-user NDCG@{a.get('k', 10)}, {a.get('level', 0.95):.0%} paired bootstrap intervals of the mean "
+            f"difference; {a.get('dataset')}, profile {a.get('profile')}, seeds {_seeds_text(a.get('seeds', []))}.")
+    return Captioned(t, "Which differences survive", note)
 
 
 # ----------------------------------------------------------------------------- protocol diagnostics

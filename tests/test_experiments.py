@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmpaper import FmpaperError
-from fmpaper.experiments import get_row, rows, run_dir, run_row
+from fmpaper.experiments import get_row, rows, run_dir, run_row, train_config
 
 ROOT_ROWS = ["baseline", "cl4srec", "duorec_sup", "duorec_unsup", "duorec_supunsup", "fisher_random_10",
              "fisher_random_30", "fisher_random_50", "fisher_topk_10", "fisher_topk_30", "fisher_topk_50",
@@ -28,6 +28,13 @@ def test_rows_declare_the_paper_table():
         assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ROOT_ROWS
     with pytest.raises(FmpaperError, match="unknown row 'nope'"):
         get_row("nope")
+
+
+def test_row_settings_reach_the_config():
+    cfg = train_config(get_row("cl4srec_infonce"), None, "smoke", 0)
+    assert cfg.variant == "cl4srec" and cfg.cl4srec_ce is False
+    assert train_config(get_row("cl4srec"), None, "smoke", 0).cl4srec_ce is True
+    assert run_dir("cl4srec_infonce", profile="smoke") != run_dir("cl4srec", profile="smoke")
 
 
 def test_merge_rows_cached_and_consistent(root):
