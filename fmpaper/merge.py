@@ -77,17 +77,10 @@ def _merge_exact_copies(states, name):
 
 
 def uniform_merge(states: list[dict]) -> dict:
-    """Plain mean of the models' parameters."""
-    names = _check_states(states)
-    out = {}
-    for name in names:
-        t = states[0][name]
-        if not t.is_floating_point():
-            out[name] = _merge_exact_copies(states, name)
-            continue
-        total = sum(s[name].to(t.device, torch.float64) for s in states)
-        out[name] = (total / len(states)).to(t.dtype)
-    return out
+    """Plain mean of the models' parameters: the Fisher merge with every Fisher equal to one."""
+    _check_states(states)
+    ones = [{name: torch.ones_like(t, dtype=torch.float64) for name, t in s.items()} for s in states]
+    return fisher_merge(states, ones, floor=0.0)
 
 
 def fisher_merge(states: list[dict], fishers: list[dict], lambdas=None, floor: float = 1e-10) -> dict:

@@ -171,6 +171,16 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
         assert (folder / name).is_file(), name
 
 
+def test_parallel_rows_stop_on_a_failing_row(tmp_path, results_env):
+    # the three members fail; the uniform merge that needs them never starts
+    with pytest.raises(FmpaperError) as err:
+        reproduce.run_rows("smoke", str(tmp_path / "missing.inter"), [0], rows=["uniform"],
+                           progress=False, jobs=2)
+    msg = str(err.value)
+    assert msg.startswith("row duorec_") and "no such .inter file" in msg and "\n" not in msg
+    assert not (results_env / "missing-smoke" / "notebooks" / "uniform-s0.ipynb").exists()
+
+
 def test_failing_page_leaves_the_book_alone(tmp_path, results_env):
     book = tmp_path / "book"
     with pytest.raises(FmpaperError) as err:
