@@ -201,3 +201,28 @@ def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> C
     note = (f"ours: {p['dataset']}, profile {profile}, {protocol} protocol, mean and sd over seeds "
             f"{_seeds_text(p['seeds'])}; the paper's ratios are from its ML-1M table.")
     return Captioned(t.round(4), "Which CL4SRec did the paper's table report?", note)
+
+
+def cl4srec_summary(dataset=None, profile="quick", seeds=1, protocol="paper") -> Text:
+    """The CL4SRec table above in one paragraph: each variant's FULL NDCG@10 against SASRec,
+    against chance over all items, and which lies closer to the paper's ratio."""
+    from .results import _data_for
+    t = cl4srec_check(dataset, profile, seeds, protocol).table
+    col = ("FULL NDCG@10", "ours / SASRec")
+    ce, nce = t[col].iloc[1], t[col].iloc[2]
+    paper = load_paper_table()
+    if paper is None or np.isnan(ce) or np.isnan(nce):
+        return Text("Not enough finished runs (or no paper table) for this comparison.")
+    target = float(paper.loc["cl4srec", "full_ndcg10"] / paper.loc["baseline", "full_ndcg10"])
+    p = check_params(dataset=dataset, profile=profile, seeds=seeds)
+    n_items = _data_for(dataset or None, profile, p["seeds"][0]).n_items
+    chance = chance_ndcg(n_items, 10)
+    nce_abs = t[("FULL NDCG@10", "ours")].iloc[2]
+    closer = "CE + InfoNCE" if abs(ce - target) < abs(nce - target) else "InfoNCE only"
+    return Text(f"FULL NDCG@10 relative to SASRec: CE + InfoNCE {ce:.2f}, InfoNCE only {nce:.2f}, the paper's "
+                f"CL4SRec {target:.2f}. The InfoNCE-only model's {nce_abs:.4f} is {nce_abs / chance:.1f} times "
+                f"chance over all {n_items} items ({chance:.4f}): without the cross-entropy term nothing "
+                f"trains the item embeddings to score the next item. The paper's ratio lies closer to our "
+                f"{closer} model"
+                + (", between the two" if min(ce, nce) < target < max(ce, nce) else ", outside the two")
+                + f" ({p['dataset']}, profile {profile}, seeds {_seeds_text(p['seeds'])}).")

@@ -97,7 +97,7 @@ def test_every_referenced_image_exists(html):
 
 
 def test_result_pages_are_labelled(html):
-    for name in ("data", "results", "figures", "protocols"):
+    for name in ("data", "results", "figures", "protocols", "anomalies"):
         text = (html / f"{name}.html").read_text(encoding="utf-8")
         assert "Notebook executed" in text and "profile" in text, name
         if name != "data":
