@@ -140,7 +140,8 @@ class Objective:
     def __call__(self, model: SASRec, ex: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg, v = self.cfg, self.cfg.variant
         seq, lengths, target = self.batch(ex)
-        views = [(seq, lengths)]                                         # view 0 feeds the CE
+        with_ce = v != "cl4srec" or cfg.cl4srec_ce
+        views = [(seq, lengths)] if with_ce else []                      # view 0 feeds the CE
         if v == "cl4srec":
             views += [augment(seq, lengths, cfg, model.mask_id, gen) for _ in range(2)]
         if v in ("duorec_unsup", "duorec_supunsup"):
@@ -152,6 +153,10 @@ class Objective:
             # by length, and one call would pad every view to the longest positive
             hs += self.encode(model, [(s, n)])
         device = hs[0].device
+        if not with_ce:  # InfoNCE alone: the two views only, no pass for a CE term weighted 0
+            terms = {"cl": info_nce(hs[0], hs[1], cfg.cl_temperature)}
+            terms["loss"] = cfg.cl_weight * terms["cl"]
+            return terms
         terms = {"ce": F.cross_entropy(model.logits(hs[0]), (target - 1).to(device))}
         tau = cfg.cl_temperature
         if v == "cl4srec":
@@ -163,6 +168,5 @@ class Objective:
                 terms["cl"] = info_nce(hs[0], hs[1], tau) + info_nce(hs[0], hs[2], tau)
             else:
                 terms["cl"] = info_nce(hs[1], hs[2], tau)
-        ce = terms["ce"] if (v != "cl4srec" or cfg.cl4srec_ce) else 0.0
-        terms["loss"] = ce + cfg.cl_weight * terms.get("cl", 0.0)
+        terms["loss"] = terms["ce"] + cfg.cl_weight * terms.get("cl", 0.0)
         return terms

@@ -79,3 +79,19 @@ def test_semantic_positives_share_the_target():
         assert pos[3] == 3                                               # unique target: itself
         other = torch.tensor([0, 1, 2, 4, 5])
         assert (pos[other] != other).all()                               # others: never itself
+
+
+@pytest.mark.parametrize("ce,rows,keys", [(True, 3, {"ce", "cl", "loss"}), (False, 2, {"cl", "loss"})])
+def test_cl4srec_infonce_only_skips_the_ce_pass(smoke_data, ce, rows, keys):
+    from fmpaper.model import SASRec
+    from fmpaper.objectives import Objective
+    cfg = make_config("smoke", variant="cl4srec", cl4srec_ce=ce)
+    model = SASRec(smoke_data.n_items, cfg)
+    seen = []
+    encode = model.encode
+    model.encode = lambda s, n: seen.append(len(s)) or encode(s, n)
+    ex = torch.arange(8)
+    terms = Objective(cfg, smoke_data)(model, ex, gen())
+    assert set(terms) == keys and seen == [rows * len(ex)]      # one encoder call, B rows per view
+    expected = (terms["ce"] if ce else 0.0) + cfg.cl_weight * terms["cl"]
+    assert torch.allclose(terms["loss"], torch.as_tensor(expected))
