@@ -54,9 +54,9 @@ def paper_vs_chance(users: int = ML1M_USERS) -> Captioned:
     t = {}
     for col, (mode, k) in SAMPLED_COLUMNS.items():
         c, se = chance_ndcg(CANDIDATES, k), chance_sd(CANDIDATES, k) / math.sqrt(users)
-        t[(f"{mode} NDCG@{k}", "paper")] = paper[col]
-        t[(f"{mode} NDCG@{k}", "z vs chance")] = (paper[col] - c) / se
-    out = pd.DataFrame(t).round(2)
+        t[(f"{mode} NDCG@{k}", "paper")] = paper[col].round(4)
+        t[(f"{mode} NDCG@{k}", "z vs chance")] = ((paper[col] - c) / se).round(1)
+    out = pd.DataFrame(t)
     out.index = paper["method"] + paper["n_items"].map(lambda v: "" if pd.isna(v) else f" (k={int(v)})")
     out.index.name = None
     note = (f"chance among {CANDIDATES} candidates: NDCG@10 {chance_ndcg(k=10):.4f}, NDCG@20 "
