@@ -991,8 +991,8 @@ def to_markdown(t: pd.DataFrame) -> str:
 
 def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | None = None,
                  paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Write the long run table, the side-by-side tables (both protocols) and the paired tests as
-    CSV and Markdown under results/<dataset>-<profile>/. Returns a table of the files written."""
+    """Write the long run table, the side-by-side tables (both protocols), the paired tests (CSV
+    and Markdown) and the seconds of every Fisher computation (CSV) under results/<dataset>-<profile>/. Returns a table of the files written."""
     runs = collect(dataset, profile, seeds) if runs is None else runs
     paired = paired_tests(dataset, profile, seeds) if paired is None else paired
     out = results_dir(dataset or None, profile)
@@ -1020,6 +1020,7 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
         shown = show_paired(paired, ref, prov)
         md += f"**{shown.caption}**\n\n" + to_markdown(shown.table) + f"\n{shown.note}\n\n"
     put("paired.md", md)
+    put("fisher_costs.csv", fisher_costs(dataset, profile, seeds).to_csv(index=False))  # per model
     return pd.DataFrame({"file": written}, index=pd.Index([f"results/{out.name}"] * len(written), name="folder"))
 
 

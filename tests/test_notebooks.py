@@ -167,7 +167,8 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
     for p in out["rows"]:
         assert p.parent == folder / "notebooks"
         assert not [o for o in outputs(p) if o["output_type"] == "error"]
-    for name in ("runs.csv", "table_paper.csv", "table_paper.md", "table_corrected.csv", "paired.csv", "paired.md"):
+    for name in ("runs.csv", "table_paper.csv", "table_paper.md", "table_corrected.csv", "paired.csv", "paired.md",
+                 "fisher_costs.csv"):
         assert (folder / name).is_file(), name
 
 
