@@ -14,7 +14,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .results import ESTIMATOR_NAMES, MODE_NAMES, PAPER_COLUMNS, _labels, _row_order
+from .fisher_report import ESTIMATOR_NAMES
+from .results import MODE_NAMES, PAPER_COLUMNS, _labels, _row_order
 
 DPI = 110
 PALETTE = sns.color_palette("colorblind")
