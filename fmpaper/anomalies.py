@@ -20,8 +20,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .results import (MODE_NAMES, Captioned, Text, _seeds_text, check_params, collect,
-                      load_paper_table)
+from .results import (MODE_NAMES, Captioned, Text, _per_user_ndcg, _run_dirs, _seeds_text, check_params,
+                      collect, load_paper_table)
 
 CANDIDATES = 101         # the target and 100 sampled negatives
 ML1M_USERS = 6040        # test users of ML-1M after the 5-core filter (`fmpaper data stats ml-1m`)
@@ -112,15 +112,21 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
     return Captioned(t, "Spread of the sampled metrics from the negative sampler alone", note)
 
 
+def _sampled_rows() -> list[str]:
+    """The paper's ten Fisher merges with a sampled estimator (random/top-k/model at 3 k, target)."""
+    from .experiments import rows
+    return [n for n, r in rows().items() if r.kind == "merge" and r.paper and r.estimator in (*SCHEMES, "target")]
+
+
 def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:
     """NDCG@10 of the ten sampled Fisher merges in each mode, the paper's and ours, with each
     value's rank among the ten (1 = best) and Kendall's tau between the two orders."""
     from scipy.stats import kendalltau
 
-    from .experiments import get_row, rows
+    from .experiments import get_row
     paper = load_paper_table()
     df = collect(dataset, profile, seeds)
-    names = [n for n, r in rows().items() if r.kind == "merge" and r.paper and r.estimator in (*SCHEMES, "target")]
+    names = _sampled_rows()
     cols, taus = {}, {}
     for mode, pcol in (("full", "full_ndcg10"), ("uni100", "random_ndcg10"), ("pop100", "popular_ndcg10")):
         ours = _mean_over_seeds(df, protocol, mode, "ndcg@10")["mean"].reindex(names) if len(df) else pd.Series(np.nan, index=names)
@@ -135,24 +141,21 @@ def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captio
     t.index = [f"{get_row(n).estimator} {get_row(n).k}" for n in names]
     note = (f"ours: {protocol} protocol, mean over seeds {_seeds_text(check_params(seeds=seeds)['seeds'])}; Kendall's tau "
             "between the paper's order and ours: " + ", ".join(f"{m} {v:+.2f}" for m, v in taus.items()) + ".")
-    out = Captioned(t.round(4), "Order of the sampling schemes and of k (NDCG@10)", note)
-    out.taus = taus
-    return out
+    return Captioned(t.round(4), "Order of the sampling schemes and of k (NDCG@10)", note)
 
 
 def ordering_summary(dataset=None, profile="quick", seeds=1, users: int = ML1M_USERS) -> Text:
     """How far apart the paper's Fisher rows are, against the noise of one evaluation, and
     whether larger k helps in the paper and in our runs."""
-    from .experiments import get_row, rows
+    from .experiments import get_row
     paper = load_paper_table()
     df = collect(dataset, profile, seeds)
     if paper is None or df.empty:
         return Text("Not enough finished runs (or no paper table) to compare orders.")
-    names = [n for n, r in rows().items() if r.kind == "merge" and r.paper and r.estimator in (*SCHEMES, "target")]
+    names = _sampled_rows()
     full = df[(df["protocol"] == "paper") & (df["mode"] == "full") & (df["metric"] == "ndcg@10")]
     spread = float(paper.loc[names, "full_ndcg10"].max() - paper.loc[names, "full_ndcg10"].min())
     # per-user sd of FULL NDCG@10 in our merged runs -> standard error of one evaluation on ML-1M
-    from .results import _per_user_ndcg, _run_dirs
     found, _ = _run_dirs(dataset or None, profile, check_params(seeds=seeds)["seeds"], names)
     sds = [float(np.std(_per_user_ndcg(d, "paper.full", 10))) for d in found.values()]
     se = float(np.mean(sds)) / math.sqrt(users) if sds else float("nan")
