@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .results import (MODE_NAMES, Captioned, Text, _per_user_ndcg, _run_dirs, _seeds_text, check_params,
+from .results import (MODE_NAMES, Captioned, Text, _data_for, _per_user_ndcg, _run_dirs, _seeds_text, check_params,
                       collect, load_paper_table)
 
 CANDIDATES = 101         # the target and 100 sampled negatives
@@ -92,12 +92,13 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
     from .experiments import run_dir
     from .train import load_run
     p = check_params(dataset=dataset, profile=profile, seed=seed)
-    recs, users = {}, None
+    recs, users, data = {}, None, None
     for name in rows:
         d = run_dir(name, dataset or None, profile, p["seed"])
         if not (d / "metrics.json").is_file():
             continue
-        run = load_run(d)
+        data = data or _data_for(dataset or None, profile, p["seed"])  # one load for every model
+        run = load_run(d, data=data)
         vals = [evaluate(run.model, run.data, "paper", seed=1000 + i) for i in range(draws)]
         for mode in ("uni100", "pop100"):
             for metric in ("ndcg@10", "ndcg@20"):
@@ -209,7 +210,6 @@ def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> C
 def cl4srec_summary(dataset=None, profile="quick", seeds=1, protocol="paper") -> Text:
     """The CL4SRec table above in one paragraph: each variant's FULL NDCG@10 against SASRec,
     against chance over all items, and which lies closer to the paper's ratio."""
-    from .results import _data_for
     t = cl4srec_check(dataset, profile, seeds, protocol).table
     col = ("FULL NDCG@10", "ours / SASRec")
     ce, nce = t[col].iloc[1], t[col].iloc[2]
