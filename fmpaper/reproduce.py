@@ -4,8 +4,8 @@
    trained rows, notebooks/merge_row.ipynb for merges and the ensemble) with papermill; the
    executed copy goes to results/<dataset>-<profile>/notebooks/<row>-s<seed>.ipynb. Rows are
    cached runs (fmpaper.experiments), so a re-run only executes the notebooks.
-2. Execute the book's pages (notebooks/data, results, figures) with dataset/profile/seeds into
-   book/. Each is executed in a scratch folder and moved into book/ only when it succeeded, so
+2. Execute the book's pages (notebooks/data, results, figures, protocols, anomalies) with
+   dataset/profile/seeds into book/ (ML-100K quick, the main set) or book/<dataset>-<profile>/. Each is executed in a scratch folder and moved into book/ only when it succeeded, so
    the book never holds a page with a traceback.
 3. `jupyter-book build book/ -W -n --keep-going` (warnings are errors).
 
@@ -27,6 +27,9 @@ from . import FmpaperError
 from .config import PROFILES, make_config
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies")
+# the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
+# folder book/<dataset>-<profile>/ (listed in _toc.yml once it is published)
+MAIN_SET = "ml-100k-quick"
 ROW_TEMPLATES = {"train": "train_row", "merge": "merge_row", "ensemble": "merge_row"}
 KERNEL = "python3"
 
@@ -219,6 +222,36 @@ def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Pat
     return [book_dir / f"{page}.ipynb" for page in pages]
 
 
+def book_folder(dataset: str | None, profile: str) -> Path:
+    """Where the pages of (dataset, profile) go: book/ for the main set, else book/<dataset>-<profile>/."""
+    from .results import results_dir
+    name = results_dir(dataset, profile).name
+    return _root() / "book" if name == MAIN_SET else _root() / "book" / name
+
+
+def toc_files() -> list[str]:
+    """Every page _toc.yml lists, as paths relative to book/ without suffix."""
+    import yaml
+    toc = yaml.safe_load((_root() / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for e in entries or []:
+            if "file" in e:
+                files.append(e["file"])
+            walk(e.get("sections"))
+            walk(e.get("chapters"))
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    walk(toc.get("chapters"))
+    return files
+
+
+def in_toc(folder: Path) -> bool:
+    """Whether _toc.yml lists the results page of the pages in `folder`."""
+    return (Path(folder) / "results").relative_to(_root() / "book").as_posix() in toc_files()
+
+
 def jupyter_book() -> list[str]:
     """The jupyter-book command of this environment."""
     exe = Path(sys.executable).with_name("jupyter-book")
@@ -272,7 +305,12 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
         write_tables(dataset, profile, seed_list)
         say(f"tables written to {results_dir(dataset, profile)}")
         return out
-    out["pages"] = run_pages(profile, dataset, seed_list, say=say)
+    folder = book_folder(dataset, profile)
+    out["pages"] = run_pages(profile, dataset, seed_list, book_dir=folder, say=say)
+    if not in_toc(folder):
+        rel = folder.relative_to(_root() / "book").as_posix()
+        say(f"pages written to {folder}; the book shows them once _toc.yml lists them "
+            f"(a part with the files {rel}/{', '.join(PAGES)})")
     say("building the book (jupyter-book build book/ -W -n --keep-going) ...")
     out["html"] = build_book()
     say(f"done in {time.perf_counter() - t0:.0f} s; open {out['html'] / 'index.html'}")

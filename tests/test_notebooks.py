@@ -138,6 +138,15 @@ def test_reproduce_refuses_unknown_row_before_running():
         reproduce.reproduce(profile="smoke", rows=["baseline", "nope"], book=False, progress=False)
 
 
+def test_each_dataset_and_profile_has_its_book_folder():
+    book = ROOT / "book"
+    assert reproduce.book_folder("ml-100k", "quick") == book  # the main set
+    assert reproduce.book_folder("ml-100k", "paper") == book / "ml-100k-paper"
+    assert reproduce.book_folder(None, "paper") == book / "ml-1m-paper"
+    assert reproduce.in_toc(book) and reproduce.in_toc(book / "ml-100k-paper")
+    assert not reproduce.in_toc(book / "ml-100k-smoke")
+
+
 def test_cli_reports_one_line_and_fails():
     run = subprocess.run([sys.executable, "-m", "fmpaper", "reproduce", "--profile", "smoke", "--rows", "nope"],
                          capture_output=True, text=True, cwd=ROOT)
