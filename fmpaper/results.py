@@ -841,6 +841,46 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
     return pd.DataFrame({"file": written}, index=pd.Index([f"results/{out.name}"] * len(written), name="folder"))
 
 
+def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str = "paper",
+                       mode: str = "full", metric: str = "ndcg@10") -> Captioned:
+    """One metric of every row under each training profile, read back from the runs.csv that
+    write_tables left in results/<dataset>-<profile>/ (mean ± sd over that profile's seeds), with
+    each row's rank within its profile and Kendall's tau between the profiles' orders."""
+    from scipy.stats import kendalltau
+    cols, means, found = {}, {}, []
+    for prof in profiles:
+        path = results_dir(dataset or None, prof) / "runs.csv"
+        if not path.is_file():
+            continue
+        df = pd.read_csv(path)
+        sub = df[(df["protocol"] == protocol) & (df["mode"] == mode) & (df["metric"] == metric)]
+        agg = sub.groupby("row")["value"].agg(["mean", "std", "count"])
+        seeds = sorted(sub["seed"].unique().tolist())
+        name = f"{prof} ({'seed' if len(seeds) == 1 else 'seeds'} {_seeds_text(seeds)})"
+        means[prof] = agg["mean"]
+        cols[(name, "mean")] = agg["mean"]
+        cols[(name, "sd")] = agg["std"]
+        cols[(name, "rank")] = agg["mean"].rank(ascending=False, method="min")
+        found.append(prof)
+    if len(found) < 2:
+        return Captioned(pd.DataFrame(), "Rows under several training profiles",
+                         f"needs runs.csv of at least two of the profiles {', '.join(profiles)} under "
+                         f"{results_dir(dataset or None, profiles[0]).parent}; found {', '.join(found) or 'none'}.")
+    t = pd.DataFrame(cols)
+    t = t.loc[_row_order(t.index)]
+    a, b = means[found[0]].reindex(t.index), means[found[1]].reindex(t.index)
+    t[(f"{found[1]} − {found[0]}", "")] = b - a
+    ok = a.notna() & b.notna()
+    tau = kendalltau(a[ok], b[ok]).statistic if ok.sum() >= 3 else float("nan")
+    t.index = pd.Index(_labels(t.index), name="row")
+    t.columns = pd.MultiIndex.from_tuples(t.columns)
+    label = f"{MODE_NAMES[mode]} {metric.upper()}"
+    note = (f"{protocol} protocol; rank 1 = best row of that profile; Kendall's tau between the two "
+            f"profiles' orders of the {int(ok.sum())} rows both have: {tau:+.2f}. sd is over seeds "
+            f"(empty for one seed).")
+    return Captioned(t.round(4), f"{label} of every row under each training profile", note)
+
+
 # ----------------------------------------------------------------------------- a book page
 
 class Page:

@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from safetensors.torch import load_file
 
-from fmpaper import FmpaperError, reproduce
+from fmpaper import FmpaperError, reproduce, results
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.experiments import rows, run_dir, run_row
 
@@ -250,3 +250,24 @@ def test_pages_reexecute_identically_with_nbval(pages, tmp_path):
            str(SANITIZE), "--rootdir", str(tmp_path), *[str(p) for p in pages.values()]]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_profile_comparison_reads_each_profiles_runs(tmp_path, monkeypatch):
+    import pandas as pd
+    monkeypatch.setenv("FMPAPER_RESULTS", str(tmp_path))
+    base = dict(protocol="paper", mode="full", metric="ndcg@10")
+    values = {"quick": {"baseline": [0.05, 0.07], "uniform": [0.03, 0.05], "ensemble": [0.045, 0.045]},
+              "paper": {"baseline": [0.06], "uniform": [0.07], "ensemble": [0.02]}}
+    for profile, rows_ in values.items():
+        recs = [dict(base, row=r, seed=s, value=v) for r, vs in rows_.items() for s, v in enumerate(vs)]
+        recs.append(dict(base, row="baseline", seed=0, value=9.0, mode="uni100"))  # another mode: ignored
+        (tmp_path / f"ml-100k-{profile}").mkdir()
+        pd.DataFrame(recs).to_csv(tmp_path / f"ml-100k-{profile}" / "runs.csv", index=False)
+    c = results.profile_comparison("ml-100k")
+    t = c.table
+    assert t.loc["SASRec (CE)", ("quick (seeds 0, 1)", "mean")] == pytest.approx(0.06)
+    assert t.loc["Uniform merge †", ("paper (seed 0)", "rank")] == 1
+    assert t.loc["Output ensemble †", ("paper − quick", "")] == pytest.approx(-0.025)
+    assert "Kendall's tau" in c.note and "-0.33" in c.note  # orders (b,e,u) vs (u,b,e)
+    (tmp_path / "ml-100k-paper" / "runs.csv").unlink()
+    assert results.profile_comparison("ml-100k").table.empty
