@@ -5,8 +5,9 @@
    executed copy goes to results/<dataset>-<profile>/notebooks/<row>-s<seed>.ipynb. Rows are
    cached runs (fmpaper.experiments), so a re-run only executes the notebooks.
 2. Execute the book's pages (notebooks/data, results, figures, protocols, anomalies) with
-   dataset/profile/seeds into book/ (ML-100K quick, the main set) or book/<dataset>-<profile>/. Each is executed in a scratch folder and moved into book/ only when it succeeded, so
-   the book never holds a page with a traceback.
+   dataset/profile/seeds into book/ (ML-100K quick, the main set) or book/<dataset>-<profile>/.
+   Each is executed in a scratch folder and moved into the book only when it succeeded, so the
+   book never holds a page with a traceback.
 3. `jupyter-book build book/ -W -n --keep-going` (warnings are errors).
 
 A notebook that raises stops everything with one line naming the row (or page) and the failing

@@ -845,7 +845,8 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
                        mode: str = "full", metric: str = "ndcg@10") -> Captioned:
     """One metric of every row under each training profile, read back from the runs.csv that
     write_tables left in results/<dataset>-<profile>/ (mean ± sd over that profile's seeds), with
-    each row's rank within its profile and Kendall's tau between the profiles' orders."""
+    each row's rank within its profile; the difference and Kendall's tau between the orders are
+    those of the first two profiles found."""
     from scipy.stats import kendalltau
     cols, means, found = {}, {}, []
     for prof in profiles:
