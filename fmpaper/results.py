@@ -1,9 +1,10 @@
-"""Finished runs read back: the table against the paper, paired tests, protocol diagnostics.
+"""Finished runs read back: the table against the paper, paired tests, the profiles compared.
 
 Everything here reads what `fmpaper.experiments` wrote under the runs root (nothing is trained,
 except that `row` computes a missing row through `experiments.run_row`, and the Fisher look-ups
-recompute an artifact that was deleted). The notebooks of the book call these functions and only
-display what they return, so every number of the book comes out of an executed notebook.
+recompute an artifact that was deleted); the page modules protocols, anomalies and fisher_report
+build on it. The notebooks of the book call these functions and only display what they return,
+so every number of the book comes out of an executed notebook.
 
 Paths:
   paper table   $FMPAPER_PAPER_DIR/paper_table.csv, else ../shared/paper/ beside the checkout
@@ -636,81 +637,11 @@ def verdict(paired: pd.DataFrame) -> Captioned:
     return Captioned(t, "Which differences survive", note)
 
 
-# ----------------------------------------------------------------------------- protocol diagnostics
+# ----------------------------------------------------------------------------- shared by the page modules
 
 def _data_for(dataset, profile, seed=0):
     from .train import load_data
     return load_data(make_config(profile, dataset=dataset, seed=seed))
-
-
-def sampler_diagnostics(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
-    """What the 100 negatives of each protocol and mode hold, averaged over users and seeds: distinct
-    items, copies of the target, items of the user's own sequence, users whose negatives include
-    the target. Drawn exactly as in evaluation (evaluate.sample_negatives with the run's seeds)."""
-    from .evaluate import sample_negatives, user_item_mask
-    p = check_params(dataset=dataset, profile=profile, seeds=seeds)
-    data = _data_for(dataset or None, profile)
-    target = data.items[data.eval_targets("test")]
-    mine = user_item_mask(data)
-    out = []
-    for protocol in PROTOCOLS:
-        for mode, key, off in (("uni", "uni100", 0), ("pop", "pop100", 1)):
-            vals = []
-            for s in p["seeds"]:
-                neg = sample_negatives(data, mode, protocol, seed=s + off)
-                srt = neg.sort(1).values
-                distinct = (srt.diff(dim=1) != 0).sum(1) + 1
-                copies = (neg == target[:, None]).sum(1)
-                own = mine.gather(1, neg).sum(1)
-                vals.append([distinct.double().mean(), copies.double().mean(), own.double().mean(),
-                             (copies > 0).double().mean()])
-            v = torch.tensor(vals).mean(0).tolist()
-            out.append({"protocol": protocol, "mode": MODE_NAMES[key],
-                        "distinct negatives": round(v[0], 2), "copies of the target": round(v[1], 3),
-                        "negatives from the user's own items": round(v[2], 2),
-                        "users with the target among negatives": f"{v[3]:.1%}"})
-    t = pd.DataFrame(out).set_index(["protocol", "mode"])
-    t.attrs.update(dataset=p["dataset"], profile=profile, seeds=p["seeds"], users=data.n_users)
-    return t
-
-
-def rank_stats(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFrame:
-    """Numeric, per row and protocol (means over seeds): share of users ranked worse among the
-    101 POPULAR candidates than among all items (impossible for a sound sampled protocol), and
-    mean NDCG@10 in FULL and POPULAR."""
-    from .evaluate import ndcg
-    p = check_params(dataset=dataset, profile=profile, seeds=seeds)
-    found, _ = _run_dirs(dataset or None, profile, p["seeds"], rows)
-    recs = []
-    for (name, s), d in found.items():
-        r = _ranks(d)
-        for protocol in PROTOCOLS:
-            full, pop = r[f"{protocol}.full"], r[f"{protocol}.pop100"]
-            recs.append(dict(row=name, seed=s, protocol=protocol,
-                             pop_worse=float((pop > full).double().mean()),
-                             full_ndcg10=float(ndcg(full, 10).mean()), pop_ndcg10=float(ndcg(pop, 10).mean())))
-    out = pd.DataFrame(recs, columns=["row", "seed", "protocol", "pop_worse", "full_ndcg10", "pop_ndcg10"])
-    out = out.groupby(["row", "protocol"], as_index=False)[["pop_worse", "full_ndcg10", "pop_ndcg10"]].mean()
-    out.attrs.update(dataset=p["dataset"], profile=profile, seeds=p["seeds"])
-    return out
-
-
-def rank_diagnostics(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFrame:
-    """`rank_stats` for display: rows x (protocol, quantity)."""
-    st = rank_stats(dataset, profile, seeds, rows)
-    out = {}
-    for _, r in st.iterrows():
-        row = out.setdefault(r["row"], {})
-        row[(r["protocol"], "users with POPULAR rank > FULL rank")] = f"{r['pop_worse']:.1%}"
-        row[(r["protocol"], "FULL NDCG@10")] = round(r["full_ndcg10"], 4)
-        row[(r["protocol"], "POPULAR NDCG@10")] = round(r["pop_ndcg10"], 4)
-    order = _row_order(out)
-    t = pd.DataFrame([out[n] for n in order], index=pd.Index(_labels(order), name="row"))
-    if len(t.columns):
-        cols = [c for protocol in PROTOCOLS for c in t.columns if c[0] == protocol]
-        t = t[cols]
-        t.columns = pd.MultiIndex.from_tuples(cols)
-    return t
 
 
 class Text:
@@ -724,23 +655,6 @@ class Text:
 
     def __repr__(self) -> str:
         return self.text
-
-
-def popular_vs_full(dataset=None, profile="quick", seeds=1) -> Text:
-    """One paragraph: in how many rows mean POPULAR NDCG@10 lies below FULL, per protocol, and
-    how many (user, row) pairs rank worse among the POPULAR candidates than among all items."""
-    st = rank_stats(dataset, profile, seeds)
-    if st.empty:
-        return Text("No finished run: nothing to compare yet.")
-    parts = []
-    for protocol in PROTOCOLS:
-        sub = st[st["protocol"] == protocol]
-        below = int((sub["pop_ndcg10"] < sub["full_ndcg10"]).sum())
-        parts.append(f"under the {protocol} protocol, mean POPULAR NDCG@10 lies below FULL NDCG@10 in {below} "
-                     f"of {len(sub)} rows, and on average {sub['pop_worse'].mean():.1%} of the users rank "
-                     f"worse among the 101 POPULAR candidates than among all items")
-    prov = f"{st.attrs['dataset']}, profile {st.attrs['profile']}, seeds {_seeds_text(st.attrs['seeds'])}"
-    return Text(f"In these runs ({prov}): " + "; ".join(parts) + ".")
 
 
 # ----------------------------------------------------------------------------- data
