@@ -46,7 +46,8 @@ def pick_device(name: str) -> torch.device:
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}, {n} thread{'' if n == 1 else 's'}"
 
 
 def load_data(cfg: Config) -> SeqData:
