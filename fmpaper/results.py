@@ -762,9 +762,10 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
     each row's rank within its profile; the difference and Kendall's tau between the orders are
     those of the first two profiles found."""
     from scipy.stats import kendalltau
+    dataset = dataset or make_config(profiles[0]).dataset  # one dataset for every profile
     cols, means, found = {}, {}, []
     for prof in profiles:
-        path = results_dir(dataset or None, prof) / "runs.csv"
+        path = results_dir(dataset, prof) / "runs.csv"
         if not path.is_file():
             continue
         df = pd.read_csv(path)
@@ -780,7 +781,7 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
     if len(found) < 2:
         return Captioned(pd.DataFrame(), "Rows under several training profiles",
                          f"needs runs.csv of at least two of the profiles {', '.join(profiles)} under "
-                         f"{results_dir(dataset or None, profiles[0]).parent}; found {', '.join(found) or 'none'}.")
+                         f"{results_dir(dataset, profiles[0]).parent}; found {', '.join(found) or 'none'}.")
     t = pd.DataFrame(cols)
     t = t.loc[_row_order(t.index)]
     a, b = means[found[0]].reindex(t.index), means[found[1]].reindex(t.index)
