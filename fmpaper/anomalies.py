@@ -20,8 +20,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .results import (MODE_NAMES, Captioned, Text, _data_for, _per_user_ndcg, _run_dirs, _seeds_text, check_params,
-                      collect, load_paper_table)
+from .results import (MODE_NAMES, Captioned, Text, _data_for, _mean_over_seeds, _per_user_ndcg, _run_dirs, _seeds_text,
+                      check_params, collect, load_paper_table)
 
 CANDIDATES = 101         # the target and 100 sampled negatives
 ML1M_USERS = 6040        # test users of ML-1M after the 5-core filter (`fmpaper data stats ml-1m`)
@@ -77,11 +77,6 @@ def chance_summary(users: int = ML1M_USERS) -> Text:
         parts.append(f"{mode}: {int(near.sum())} of {len(paper)} rows have both NDCG@10 and NDCG@20 within "
                      f"3 standard errors of chance ({', '.join(paper.index[near]) or 'none'})")
     return Text("In the paper's table, " + "; ".join(parts) + ".")
-
-
-def _mean_over_seeds(df: pd.DataFrame, protocol: str, mode: str, metric: str) -> pd.DataFrame:
-    sub = df[(df["protocol"] == protocol) & (df["mode"] == mode) & (df["metric"] == metric)]
-    return sub.groupby("row")["value"].agg(["mean", "std", "count"])
 
 
 def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4srec"),

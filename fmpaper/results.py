@@ -755,6 +755,12 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
     return pd.DataFrame({"file": written}, index=pd.Index([f"results/{out.name}"] * len(written), name="folder"))
 
 
+def _mean_over_seeds(df: pd.DataFrame, protocol: str, mode: str, metric: str) -> pd.DataFrame:
+    """Per row of a `collect` frame (or a runs.csv read back): mean, sd and count over seeds of one value."""
+    sub = df[(df["protocol"] == protocol) & (df["mode"] == mode) & (df["metric"] == metric)]
+    return sub.groupby("row")["value"].agg(["mean", "std", "count"])
+
+
 def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str = "paper",
                        mode: str = "full", metric: str = "ndcg@10") -> Captioned:
     """One metric of every row under each training profile, read back from the runs.csv that
@@ -769,9 +775,8 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
         if not path.is_file():
             continue
         df = pd.read_csv(path)
-        sub = df[(df["protocol"] == protocol) & (df["mode"] == mode) & (df["metric"] == metric)]
-        agg = sub.groupby("row")["value"].agg(["mean", "std", "count"])
-        seeds = sorted(sub["seed"].unique().tolist())
+        agg = _mean_over_seeds(df, protocol, mode, metric)
+        seeds = sorted(df["seed"].unique().tolist())
         name = f"{prof} ({'seed' if len(seeds) == 1 else 'seeds'} {_seeds_text(seeds)})"
         means[prof] = agg["mean"]
         cols[(name, "mean")] = agg["mean"]
