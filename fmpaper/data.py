@@ -35,13 +35,12 @@ SOURCES = {
 
 
 def cache_dir() -> Path:
-    """$FMPAPER_CACHE, else .cache/ of the source checkout (git-ignored), else ~/.cache/fmpaper."""
+    """$FMPAPER_CACHE, else $XDG_CACHE_HOME/fmpaper, else ~/.cache/fmpaper: outside the work
+    tree, so downloads and trained runs survive a fresh checkout."""
     if os.environ.get("FMPAPER_CACHE"):
         return Path(os.environ["FMPAPER_CACHE"])
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").exists():
-        return repo / ".cache"
-    return Path.home() / ".cache" / "fmpaper"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fmpaper"
 
 
 def fetch(name: str) -> Path:

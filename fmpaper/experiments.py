@@ -1,6 +1,6 @@
 """The paper's table as runs: rows from rows.toml, each run cached by a hash of what defines it.
 
-Layout under the runs root (git-ignored; $FMPAPER_RUNS or runs/ of the checkout):
+Layout under the runs root ($FMPAPER_RUNS, else ~/.cache/fmpaper/runs, outside the work tree):
   <dataset>/<profile>/s<seed>/<row>-<hash>/          a finished run (see fmpaper.train)
   <dataset>/<profile>/s<seed>/fisher/<member>-<estimator>-<hash>.safetensors   Fisher artifacts
 A finished run is never recomputed; a killed training resumes from `<dir>.partial`.
@@ -21,7 +21,7 @@ import torch
 
 from . import FmpaperError
 from .config import Config, make_config
-from .data import SeqData
+from .data import SeqData, cache_dir
 from .fisher import ESTIMATORS, compute_fisher, load_fisher, save_fisher
 from .merge import fisher_merge, uniform_merge
 from .train import finish_run, hardware, load_data, load_run, train
@@ -66,10 +66,10 @@ def get_row(name: str) -> Row:
 
 
 def runs_root() -> Path:
+    """$FMPAPER_RUNS, else runs/ in the cache folder (fmpaper.data.cache_dir, outside the work tree)."""
     if os.environ.get("FMPAPER_RUNS"):
         return Path(os.environ["FMPAPER_RUNS"])
-    repo = Path(__file__).resolve().parents[1]
-    return repo / "runs" if (repo / "pyproject.toml").exists() else Path.home() / ".cache" / "fmpaper" / "runs"
+    return cache_dir() / "runs"
 
 
 def _hash(obj) -> str:

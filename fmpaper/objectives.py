@@ -60,17 +60,23 @@ def reorder(seq, lengths, beta, gen):
     return seq.gather(1, keys.argsort(1)), lengths
 
 
-def augment(seq, lengths, cfg: Config, mask_id: int, gen: torch.Generator):
-    """One CL4SRec view: each sequence gets crop, mask or reorder at random; length-1 ones stay."""
-    views = [crop(seq, lengths, cfg.crop_eta, gen), mask(seq, lengths, cfg.mask_gamma, mask_id, gen),
-             reorder(seq, lengths, cfg.reorder_beta, gen)]
-    choice = torch.randint(0, 3, lengths.shape, generator=gen)
-    choice = torch.where(lengths > 1, choice, -1)                        # -1: keep the original
-    out_seq, out_len = seq.clone(), lengths.clone()
-    for i, (s, n) in enumerate(views):
-        pick = choice == i
-        out_seq[pick], out_len[pick] = s[pick], n[pick]
-    return out_seq, out_len
+def augment_pair(seq, lengths, cfg: Config, mask_id: int, gen: torch.Generator):
+    """The two CL4SRec views of a batch. Each sequence gets two distinct operators out of crop,
+    mask and reorder (an ordered pair drawn uniformly, as the authors' `random.sample(range(3),
+    k=2)`); length-1 sequences stay as they are in both views."""
+    ops = [crop(seq, lengths, cfg.crop_eta, gen), mask(seq, lengths, cfg.mask_gamma, mask_id, gen),
+           reorder(seq, lengths, cfg.reorder_beta, gen)]
+    first = torch.randint(0, 3, lengths.shape, generator=gen)            # (B,)
+    second = (first + torch.randint(1, 3, lengths.shape, generator=gen)) % 3   # never == first
+    views = []
+    for choice in (first, second):
+        choice = torch.where(lengths > 1, choice, -1)                    # -1: keep the original
+        out_seq, out_len = seq.clone(), lengths.clone()
+        for i, (s, n) in enumerate(ops):
+            pick = choice == i
+            out_seq[pick], out_len[pick] = s[pick], n[pick]
+        views.append((out_seq, out_len))
+    return views
 
 
 # ---------------------------------------------------------------- InfoNCE
@@ -143,7 +149,7 @@ class Objective:
         with_ce = v != "cl4srec" or cfg.cl4srec_ce
         views = [(seq, lengths)] if with_ce else []                      # view 0 feeds the CE
         if v == "cl4srec":
-            views += [augment(seq, lengths, cfg, model.mask_id, gen) for _ in range(2)]
+            views += augment_pair(seq, lengths, cfg, model.mask_id, gen)
         if v in ("duorec_unsup", "duorec_supunsup"):
             views.append((seq, lengths))                                 # second dropout pass
         hs = self.encode(model, views)                                   # one (B, d) per view

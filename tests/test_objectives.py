@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fmpaper.config import make_config
-from fmpaper.objectives import SemanticPositives, augment, crop, info_nce, mask, reorder
+from fmpaper.objectives import SemanticPositives, augment_pair, crop, info_nce, mask, reorder
 
 SEQ = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 0, 0, 0, 0, 0], [21, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
 LEN = torch.tensor([10, 5, 1])
@@ -50,9 +50,26 @@ def test_augment_leaves_length_one_and_source_alone():
     cfg = make_config("smoke")
     src = SEQ.clone()
     for seed in range(10):
-        out, n = augment(SEQ, LEN, cfg, 99, torch.Generator().manual_seed(seed))
-        assert torch.equal(out[2], SEQ[2]) and n[2] == 1
+        for out, n in augment_pair(SEQ, LEN, cfg, 99, torch.Generator().manual_seed(seed)):
+            assert torch.equal(out[2], SEQ[2]) and n[2] == 1
     assert torch.equal(SEQ, src)
+
+
+def test_augment_pair_uses_two_distinct_operators():
+    # 200 sequences of 10 distinct items: crop shortens, mask writes the mask token, reorder neither
+    cfg = make_config("smoke")
+    seq = torch.arange(1, 11).repeat(200, 1)
+    lengths = torch.full((200,), 10)
+
+    def op(out, n):
+        return torch.where(n < 10, 0, torch.where((out == 99).any(1), 1, 2))
+    pairs = set()
+    for seed in range(5):
+        (s1, n1), (s2, n2) = augment_pair(seq, lengths, cfg, 99, torch.Generator().manual_seed(seed))
+        a, b = op(s1, n1), op(s2, n2)
+        assert (a != b).all()
+        pairs |= set(zip(a.tolist(), b.tolist()))
+    assert len(pairs) == 6                                               # every ordered pair occurs
 
 
 def test_info_nce_by_hand():
