@@ -1,4 +1,5 @@
-# Two entry points: `make reproduce` (the main job) and `make test` (every test).
+# Entry points: `make reproduce` (the main job), `make verify` (check the book's numbers from the
+# kept checkpoints, without retraining) and `make test` (every test).
 # Both create or refresh the project's own virtual environment first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 SEEDS ?= 4   # the book's seeds 0..SEEDS-1
 JOBS ?= 2    # rows trained at a time (fmpaper reproduce --jobs)
 
-.PHONY: reproduce test venv bench
+.PHONY: reproduce verify test venv bench
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +19,9 @@ venv: $(STAMP)
 
 reproduce: $(STAMP)
 	$(VENV)/bin/fmpaper reproduce --profile quick --dataset ml-100k --seeds $(SEEDS) --jobs $(JOBS)
+
+verify: $(STAMP)
+	$(VENV)/bin/fmpaper verify --dataset ml-100k --profile quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q

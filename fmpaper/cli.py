@@ -1,4 +1,4 @@
-"""Command line: `fmpaper {data,train,evaluate,fisher,merge,reproduce} --help`.
+"""Command line: `fmpaper {data,train,evaluate,fisher,merge,rows,row,reproduce,verify} --help`.
 
 Every user error ends in one line `fmpaper: error: ...` on stderr and exit status 2.
 """
@@ -8,10 +8,18 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from . import FmpaperError
 from .config import PROFILES, VARIANTS, Config, make_config
-
+from .data import load as load_dataset
+from .evaluate import PROTOCOLS, evaluate
+from .fisher import ESTIMATORS, check_compatible, load_fisher
+from .reproduce import reproduce
+from .rows import FisherSpec, rows
+from .runs import fisher_of, merge_runs, run_dir, run_row
+from .train import load_run, train
+from .verify import summary, verify
 
 def _parse_sets(pairs: list[str]) -> dict:
     """`--set key=value` overrides, typed by the Config field they name."""
@@ -21,6 +29,8 @@ def _parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in types:
             raise FmpaperError(f"--set expects key=value with a Config field as key, got {pair!r}")
+        if key == "profile":
+            raise FmpaperError("--set profile=...: choose the profile with --profile")
         kind = types[key]
         try:
             if kind == "bool":
@@ -35,23 +45,28 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def cmd_data_stats(a) -> None:
-    from .data import load
-    stats = load(a.dataset).stats()
+    stats = load_dataset(a.dataset).stats()
     print(json.dumps(stats) if a.json else "\n".join(f"{k}: {v}" for k, v in stats.items()))
 
 
+def train_overrides(a) -> dict:
+    """--set values, then the dedicated flags on top: a flag given on the command line wins over
+    --set of the same field (--variant has a default, so --set variant=... counts only when
+    --variant is not given)."""
+    flags = {"variant": a.variant, "dataset": a.dataset, "seed": a.seed, "epochs": a.epochs, "device": a.device}
+    return {**_parse_sets(a.set), **{k: v for k, v in flags.items() if v is not None}}
+
+
 def cmd_train(a) -> None:
-    from .train import train
-    cfg = make_config(a.profile, variant=a.variant, dataset=a.dataset, seed=a.seed, epochs=a.epochs,
-                      device=a.device, **_parse_sets(a.set))
-    out = a.out or f"runs/{cfg.variant}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}"
+    overrides = train_overrides(a)
+    overrides.setdefault("variant", "sasrec")
+    cfg = make_config(a.profile, **overrides)
+    out = a.out or f"runs/{cfg.variant}-{Path(cfg.dataset).stem}-{cfg.profile}-s{cfg.seed}"
     metrics = train(cfg, out, progress=not a.quiet)
     print(json.dumps({"run": str(out), "valid_ndcg@10": metrics["valid_ndcg@10"], "test": metrics["test"]}, indent=2))
 
 
 def cmd_evaluate(a) -> None:
-    from .evaluate import evaluate
-    from .train import load_run
     run = load_run(a.run_dir)
     m = evaluate(run.model, run.data, a.protocol, seed=run.cfg.seed if a.seed is None else a.seed,
                  mask_history=a.mask_history)
@@ -63,25 +78,15 @@ def cmd_evaluate(a) -> None:
 
 
 def cmd_fisher(a) -> None:
-    from pathlib import Path
-
-    from .experiments import validation_inputs
-    from .fisher import compute_fisher, save_fisher
-    from .train import hardware, load_run
-    run = load_run(a.run_dir)
-    seq, lengths, targets = validation_inputs(run.data)
-    fisher, meta = compute_fisher(run.model, seq, lengths, targets, a.estimator, k=a.k, batchwise=a.batchwise,
-                                  authors=a.authors, seed=run.cfg.seed if a.seed is None else a.seed,
-                                  progress=not a.quiet, return_meta=True)
-    meta.update(run=str(Path(a.run_dir).name), hardware=hardware())
-    save_fisher(a.out, fisher, meta)
+    spec = FisherSpec(a.estimator, a.k, a.batchwise, a.authors)
+    out = Path(a.out)
+    if out.exists():
+        raise FmpaperError(f"{out} already exists; choose another --out")
+    _, meta = fisher_of(Path(a.run_dir), spec, progress=not a.quiet, path=out)
     print(json.dumps(meta))
 
 
 def cmd_merge(a) -> None:
-    from .experiments import merge_runs
-    from .fisher import check_compatible, load_fisher
-    from .train import load_run
     if a.uniform == bool(a.fisher):
         raise FmpaperError("give either --uniform or one --fisher file per run")
     fishers = None
@@ -89,28 +94,20 @@ def cmd_merge(a) -> None:
         if len(a.fisher) != len(a.run_dirs):
             raise FmpaperError(f"{len(a.run_dirs)} runs but {len(a.fisher)} Fisher files")
         fishers = []
-        for run_dir, path in zip(a.run_dirs, a.fisher):
+        for run, path in zip(a.run_dirs, a.fisher):
             f, _ = load_fisher(path)
-            check_compatible(f, load_run(run_dir).model.state_dict())
+            check_compatible(f, load_run(run).model.state_dict())
             fishers.append(f)
     m = merge_runs(a.run_dirs, a.out, fishers, a.lambdas, a.floor, a.finetune_epochs, progress=not a.quiet)
     print(json.dumps({"run": a.out, "test": m["test"]}, indent=2))
 
 
 def cmd_rows(a) -> None:
-    from .experiments import rows
     for r in rows().values():
-        if r.kind == "train":
-            what = r.variant
-        elif r.kind == "ensemble":
-            what = f"output ensemble of {'+'.join(r.members)}"
-        else:
-            what = f"{r.method} {r.estimator or ''} {r.k or ''} of {'+'.join(r.members)}"
-        print(f"{r.name:18s} {r.kind:8s} {what.strip():60s} {'' if r.paper else '(reference)'}")
+        print(f"{r.name:18s} {r.kind:8s} {r.describe():70s} {'' if r.paper else '(reference)'}")
 
 
 def cmd_row(a) -> None:
-    from .experiments import run_dir, run_row
     m = run_row(a.name, a.dataset, a.profile, a.seed, progress=not a.quiet)
     print(json.dumps({"run": str(run_dir(a.name, a.dataset, a.profile, a.seed)), "test": m["test"]}, indent=2))
 
@@ -131,8 +128,13 @@ def _parse_seeds(text: str):
     raise FmpaperError(f"--seeds takes N (seeds 0..N-1), a list like 3,4 or a range like 3-5; got {text!r}")
 
 
+def cmd_verify(a) -> None:
+    seeds = _parse_seeds(a.seeds) if a.seeds else None
+    print(summary(verify(a.dataset, a.profile, jobs=a.jobs, progress=not a.quiet,
+                         seeds=list(range(seeds)) if isinstance(seeds, int) else seeds)))
+
+
 def cmd_reproduce(a) -> None:
-    from .reproduce import reproduce
     reproduce(profile=a.profile, dataset=a.dataset, seeds=_parse_seeds(a.seeds), rows=a.rows,
               book=not a.no_book, jobs=a.jobs)
 
@@ -148,27 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_data_stats)
 
     t = sub.add_parser("train", help="train one model (a row 1-5 of the paper's table)")
-    t.add_argument("--variant", default="sasrec", help=f"training objective: {', '.join(VARIANTS)}")
+    t.add_argument("--variant", help=f"training objective: {', '.join(VARIANTS)} (default sasrec)")
     t.add_argument("--dataset", help="ml-100k, ml-1m or a .inter path (default: the profile's)")
     t.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)}")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help="seeds torch, numpy and every sampler (default 0)")
     t.add_argument("--epochs", type=int, help="override the profile's maximum epochs")
     t.add_argument("--device", help="auto (default), cpu or cuda")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any Config field (repeatable)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any Config field (repeatable); a dedicated flag given as well wins")
     t.add_argument("--out", help="run directory (default runs/VARIANT-DATASET-PROFILE-sSEED)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test metrics of a run directory in the three modes")
     e.add_argument("run_dir")
-    e.add_argument("--protocol", choices=("paper", "corrected"), default="paper",
+    e.add_argument("--protocol", choices=PROTOCOLS, default="paper",
                    help="paper: as the authors' code; corrected: negatives exclude the user's items, no duplicates")
     e.add_argument("--mask-history", action="store_true", help="FULL: exclude the user's earlier items from the ranking")
     e.add_argument("--seed", type=int, help="negative-sampling seed (default: the run's seed)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_evaluate)
 
-    from .fisher import ESTIMATORS
     f = sub.add_parser("fisher", help="diagonal Fisher of a run over its validation inputs, saved as safetensors + JSON")
     f.add_argument("run_dir")
     f.add_argument("--estimator", required=True, choices=ESTIMATORS)
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batchwise", action="store_true", help="the poster's batch-sum approximation")
     f.add_argument("--authors", action="store_true", help="target estimator as the authors' code: logits/10, p^2, no 1/N")
     f.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
-    f.add_argument("--out", required=True, help="output .safetensors (metadata goes beside it as .json)")
+    f.add_argument("--out", required=True, help="output .safetensors (metadata goes beside it as .json); must not exist")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=cmd_fisher)
 
@@ -211,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     x.add_argument("--no-book", action="store_true", help="skip the book build")
     x.set_defaults(func=cmd_reproduce)
+
+    v = sub.add_parser("verify", help="re-evaluate the kept checkpoints and recompute every merge; "
+                                      "compare with the committed runs.csv")
+    v.add_argument("--dataset", default="ml-100k")
+    v.add_argument("--profile", default="quick", choices=tuple(PROFILES))
+    v.add_argument("--seeds", help="only these seeds: N (0..N-1), a list 3,4 or a range 3-5 (default: all)")
+    v.add_argument("--jobs", type=int, default=2, help="runs recomputed at a time (default 2)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

@@ -23,10 +23,10 @@ class Config:
     profile: str = "quick"           # name of the profile the overrides came from
     seed: int = 0                    # seeds torch, numpy and every sampler of the run
     max_users: int = 0               # >0: keep only the first N users (by id) after 5-core (smoke)
-    # --- data (protocol.md)
+    # --- data (book chapter "The data", notebooks/data.ipynb)
     min_count: int = 5               # iterative k-core threshold for users and items
     max_len: int = 50                # MAX_ITEM_LIST_LENGTH: inputs are the last max_len items
-    # --- SASRec backbone (protocol.md)
+    # --- SASRec backbone (book/models.md)
     hidden: int = 64                 # embedding / hidden size d
     n_layers: int = 2                # transformer blocks
     n_heads: int = 2                 # attention heads
@@ -73,6 +73,13 @@ class Config:
             raise FmpaperError(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
         return self
 
+    def identity(self) -> dict:
+        """What names a cached run: every field, except that a field of LATER_FIELDS is left out
+        while it holds its default (so adding a field keeps every run cached before it)."""
+        d = dataclasses.asdict(self)
+        defaults = Config()
+        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and v == getattr(defaults, k))}
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -84,6 +91,9 @@ class Config:
             raise FmpaperError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return cls(**d).validate()
 
+
+# Fields added after runs were first cached; see Config.identity.
+LATER_FIELDS: frozenset = frozenset()
 
 # Overrides applied on top of the defaults (which are the paper's protocol).
 PROFILES: dict[str, dict] = {

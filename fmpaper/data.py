@@ -1,4 +1,4 @@
-"""MovieLens (or any RecBole atomic .inter file) -> leave-one-out next-item data (protocol.md, "Data").
+"""MovieLens (or any RecBole atomic .inter file) -> leave-one-out next-item data (book chapter "The data").
 
 Steps: read user/item/timestamp; iterative 5-core; each user's items in time order (ties keep
 the file's order: a stable sort); the last item is the test target, the one before it the

@@ -4,7 +4,7 @@ Modes (test split, one target per user): FULL ranks the target among all items; 
 pop100 rank it among 100 sampled negatives (uniformly / by popularity). Metrics: HR@K and
 NDCG@K = 1 / log2(rank + 2) for rank < K (rank 0 = first), averaged over users.
 
-Protocols (protocol.md, "Evaluation"):
+Protocols (book chapter "How the protocols differ", notebooks/protocols.ipynb):
   paper      as the authors' code ran: FULL does not mask the user's history; negatives are
              drawn with replacement and may be the target itself or items of the history;
              pop100 draws from the list of all interactions (train + valid + test), so popular

@@ -1,4 +1,4 @@
-"""Diagonal Fisher information of a SASRec, for Fisher merging (protocol.md, "Fisher merging").
+"""Diagonal Fisher information of a SASRec, for Fisher merging (book chapter "The Fisher", book/fisher.md).
 
     F = E_s E_{v ~ p(v|s)} (d log p(v|s) / d theta)^2          (elementwise, every parameter)
 
@@ -81,6 +81,7 @@ from .merge import check_same_tensors
 
 ESTIMATORS = ("exact", "target", "random", "topk", "model", "bruteforce")
 SAMPLED = ("target", "random", "topk", "model")
+TAKES_K = ("random", "topk", "model")       # the estimators that draw k items per sequence
 AUTHORS_TEMPERATURE = 10.0   # the authors' code divides the logits by 10 for the Fisher
 MEMORY_BYTES = 256 * 2**20   # working set of one chunk of per-example gradients (CPU; larger
                              # chunks were slower in benchmarks/bench_fisher.py: cache misses)
@@ -251,7 +252,7 @@ def _check(model, seq, lengths, targets, estimator, k, batchwise, authors, batch
     if estimator not in ESTIMATORS:
         raise FmpaperError(f"unknown Fisher estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     n_items = model.n_items
-    if estimator in ("random", "topk", "model"):
+    if estimator in TAKES_K:
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= n_items:
             raise FmpaperError(f"estimator {estimator} needs k in 1..{n_items} (n_items), got {k}")
     elif k is not None:

@@ -1,4 +1,4 @@
-"""SASRec, the backbone every model of the paper shares (protocol.md, "Backbone").
+"""SASRec, the backbone every model of the paper shares (book chapter "The models", book/models.md).
 
 Item rows of the (tied) embedding table: 0 = padding, 1..n_items = items, n_items + 1 = the
 CL4SRec mask token. Every variant reserves the mask row, so all five models have identical

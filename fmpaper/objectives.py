@@ -1,7 +1,7 @@
 """Training objectives: cross-entropy plus the contrastive terms of CL4SRec and DuoRec.
 
 Every variant trains the same SASRec encoder; a variant only decides which extra views of a
-batch are encoded and which InfoNCE terms are added (protocol.md, "The five trained models"):
+batch are encoded and which InfoNCE terms are added (book/models.md):
 
   sasrec           CE
   cl4srec          CE + w * InfoNCE(aug1(s), aug2(s))        (cl4srec_ce=False: InfoNCE alone)

@@ -3,7 +3,9 @@
 1. For each seed and row: execute the row's notebook template (notebooks/train_row.ipynb for
    trained rows, notebooks/merge_row.ipynb for merges and the ensemble) with papermill; the
    executed copy goes to results/<dataset>-<profile>/notebooks/<row>-s<seed>.ipynb. Rows are
-   cached runs (fmpaper.experiments), so a re-run only executes the notebooks.
+   cached runs (fmpaper.runs), so a re-run only executes the notebooks.
+   The trained rows' weights are then kept in results/<dataset>-<profile>/checkpoints/ (see
+   fmpaper.verify).
 2. Execute the book's pages (notebooks/data, results, figures, protocols, anomalies) with
    dataset/profile/seeds into book/ (ML-100K quick, the main set) or book/<dataset>-<profile>/.
    Each is executed in a scratch folder and moved into the book only when it succeeded, so the
@@ -22,10 +24,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
 from pathlib import Path
+
+import nbformat
+import papermill as pm
+import yaml
+from papermill.exceptions import PapermillExecutionError
+from tqdm import tqdm
 
 from . import FmpaperError
 from .config import PROFILES, make_config
+from .pages.display import check_params
+from .pages.results import write_tables
+from .rows import get_row, rows
+from .runs import checkpoint_dir, keep_checkpoints, repo_root, results_dir
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies")
 # the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
@@ -36,7 +50,6 @@ KERNEL = "python3"
 
 
 def _root() -> Path:
-    from .results import repo_root
     root = repo_root()
     if root is None or not (root / "notebooks").is_dir():
         raise FmpaperError("fmpaper reproduce needs the source checkout (notebooks/ and book/ next to "
@@ -72,8 +85,6 @@ def _failing_line(e) -> str:
 def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | None = None) -> Path:
     """Run notebook `src` with papermill into `out`; FmpaperError with one line naming `what`
     and the failing cell if it raises."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -96,7 +107,6 @@ def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | No
 
 def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
     """Record the template and the executed copy relative to the checkout, not as local paths."""
-    import nbformat
     root = _root()
 
     def rel(p):
@@ -113,21 +123,31 @@ def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
 
 
 # relative cost of training each variant (benchmarks/results_train.json, per step vs sasrec):
-# the longest trainings start first when rows run in parallel
+# the longest trainings start first when rows run in parallel, and the progress bar counts work
+# done in these units, so its time estimate does not assume every row costs the same
 TRAIN_COST = {"sasrec": 1.0, "duorec_unsup": 1.9, "duorec_sup": 2.5, "cl4srec": 3.2, "duorec_supunsup": 3.5}
+COMBINE_COST = 0.3          # a merge or ensemble: Fishers of three models and one evaluation
 
 
-def _row_plan(rows, seeds):
+def row_cost(name: str) -> float:
+    """Expected cost of a row relative to one SASRec training (cl4srec without its CE term runs
+    two encoder passes instead of three)."""
+    r = get_row(name)
+    if r.kind != "train":
+        return COMBINE_COST
+    cost = TRAIN_COST.get(r.variant, 1.0)
+    return cost * 2 / 3 if dict(r.settings).get("cl4srec_ce") is False else cost
+
+
+def _row_plan(names, seeds):
     """[(seed, row, kind)] in the order to start them: every requested row plus the trained
     rows it combines; trained rows first, the costliest first."""
-    from .experiments import get_row
-    from .experiments import rows as all_rows
-    names = list(all_rows()) if rows is None else list(rows)
+    names = list(rows()) if names is None else list(names)
     for n in names:
         get_row(n)  # FmpaperError listing the rows for an unknown name
     names += [m for n in names for m in get_row(n).members if m not in names]
     names = list(dict.fromkeys(names))
-    names.sort(key=lambda n: (get_row(n).kind != "train", -TRAIN_COST.get(get_row(n).variant, 0)))
+    names.sort(key=lambda n: (get_row(n).kind != "train", -row_cost(n)))
     return [(s, n, get_row(n).kind) for s in seeds for n in names]
 
 
@@ -144,26 +164,27 @@ def _worker_threads(threads: int) -> None:
         os.environ[var] = str(threads)
 
 
-def run_rows(profile: str, dataset: str | None, seeds: list[int], rows=None, progress: bool = True,
+def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, progress: bool = True,
              jobs: int = 1) -> list[Path]:
     """Execute the row notebooks, `jobs` at a time (each with cores/jobs threads; a combined row
     starts once its members are trained); returns the executed notebooks in plan order."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
-
-    from tqdm import tqdm
-
-    from .experiments import get_row
-    from .results import results_dir
-    plan = _row_plan(rows, seeds)
+    plan = _row_plan(names, seeds)
     folder = results_dir(dataset, profile) / "notebooks"
-    bar = tqdm(total=len(plan), desc="rows", unit="row", disable=not progress)
+    # the bar advances by each row's expected cost (row_cost), so its remaining time is fair
+    bar = tqdm(total=round(sum(row_cost(t[1]) for t in plan), 1), desc="rows (work units)",
+               disable=not progress, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+    n_done = 0
+
+    def advance(task):
+        nonlocal n_done
+        n_done += 1
+        bar.set_postfix_str(f"{n_done}/{len(plan)} rows, last {task[1]} s{task[0]}")
+        bar.update(row_cost(task[1]))
     if jobs == 1:
         done = []
         for task in plan:
-            bar.set_postfix_str(f"{task[1]} s{task[0]}")
             done.append(_execute_row(task, profile, dataset, folder))
-            bar.update()
+            advance(task)
         return done
     threads = max(1, (os.cpu_count() or 1) // jobs)
     needs = {t: {(t[0], m, "train") for m in get_row(t[1]).members} for t in plan}
@@ -185,7 +206,7 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], rows=None, pro
                     finished[task] = fut.result()
                 except FmpaperError as e:
                     error = error or e
-                bar.update()
+                advance(task)
     if error is not None:
         raise error
     return [finished[t] for t in plan]
@@ -196,7 +217,6 @@ def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Pat
     """Execute the book's page notebooks and copy them into `book_dir` (default book/) once all
     of them succeeded: a failure leaves book/ as it was and keeps the failed notebook under
     results/<dataset>-<profile>/notebooks/failed-<page>.ipynb."""
-    from .results import results_dir
     book_dir = Path(book_dir or _root() / "book")
     failed_dir = results_dir(dataset, profile) / "notebooks"
     params = {"dataset": dataset, "profile": profile,
@@ -225,14 +245,12 @@ def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Pat
 
 def book_folder(dataset: str | None, profile: str) -> Path:
     """Where the pages of (dataset, profile) go: book/ for the main set, else book/<dataset>-<profile>/."""
-    from .results import results_dir
     name = results_dir(dataset, profile).name
     return _root() / "book" if name == MAIN_SET else _root() / "book" / name
 
 
 def toc_files() -> list[str]:
     """Every page _toc.yml lists, as paths relative to book/ without suffix."""
-    import yaml
     toc = yaml.safe_load((_root() / "_toc.yml").read_text())
     files = [toc["root"]]
 
@@ -288,7 +306,6 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     Returns what was written."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise FmpaperError(f"jobs must be a positive integer, got {jobs!r}")
-    from .results import check_params, results_dir, write_tables
     if profile not in PROFILES:
         raise FmpaperError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
@@ -301,6 +318,8 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     notebooks = run_rows(profile, dataset, seed_list, rows, progress, jobs)
     say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
         f"{results_dir(dataset, profile) / 'notebooks'}")
+    kept = keep_checkpoints(dataset, profile, seed_list)
+    say(f"{len(kept)} trained checkpoints kept in {checkpoint_dir(dataset, profile)} (`fmpaper verify` reads them)")
     out = {"rows": notebooks, "pages": [], "html": None}
     if not book:
         write_tables(dataset, profile, seed_list)

@@ -110,7 +110,8 @@ def test_topk_and_random_with_all_items_equal_bruteforce():
 def test_topk_truncation_is_biased_low():
     model = tiny_model()
     exact, top = flat(fisher("exact", model)), flat(fisher("topk", model, k=5))
-    assert (top <= exact * (1 + 1e-12)).all() and top.sum() < exact.sum()
+    # entry-wise below the exact Fisher, up to rounding (entries ~1e-33 differ in their last bits)
+    assert (top <= exact * (1 + 1e-9) + 1e-12 * exact.max()).all() and top.sum() < exact.sum()
 
 
 @pytest.mark.parametrize("estimator", ["random", "model"])

@@ -1,7 +1,7 @@
 """The notebook templates, executed with papermill on the smoke profile.
 
 Smoke runs are cached by the hash of their configuration under the runs root ($FMPAPER_RUNS,
-else runs/ of the checkout), so the session fixture computes the table once (a few minutes the
+else ~/.cache/fmpaper/runs), so the session fixture computes the table once (a few minutes the
 first time on two cores) and every later session only reads it back. Files the notebooks write
 (tables, figures, executed notebooks) go to a temporary $FMPAPER_RESULTS.
 """
@@ -15,9 +15,11 @@ import nbformat
 import pytest
 from safetensors.torch import load_file
 
-from fmpaper import FmpaperError, reproduce, results
+from fmpaper import FmpaperError, reproduce
 from fmpaper.evaluate import metrics_from_ranks
-from fmpaper.experiments import rows, run_dir, run_row
+from fmpaper.pages import results
+from fmpaper.rows import rows
+from fmpaper.runs import run_dir, run_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -184,7 +186,7 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
 def test_parallel_rows_stop_on_a_failing_row(tmp_path, results_env):
     # the three members fail; the uniform merge that needs them never starts
     with pytest.raises(FmpaperError) as err:
-        reproduce.run_rows("smoke", str(tmp_path / "missing.inter"), [0], rows=["uniform"],
+        reproduce.run_rows("smoke", str(tmp_path / "missing.inter"), [0], names=["uniform"],
                            progress=False, jobs=2)
     msg = str(err.value)
     assert msg.startswith("row duorec_") and "no such .inter file" in msg and "\n" not in msg
@@ -271,3 +273,51 @@ def test_profile_comparison_reads_each_profiles_runs(tmp_path, monkeypatch):
     assert "Kendall's tau" in c.note and "-0.33" in c.note  # orders (b,e,u) vs (u,b,e)
     (tmp_path / "ml-100k-paper" / "runs.csv").unlink()
     assert results.profile_comparison("ml-100k").table.empty
+
+
+# ----------------------------------------------------------------------------- verify
+
+def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, results_env):
+    import pandas as pd
+
+    from fmpaper.runs import checkpoint_dir, collect, keep_checkpoints
+    folder = results_env / "ml-100k-smoke"
+    folder.mkdir(parents=True, exist_ok=True)
+    collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
+    kept = keep_checkpoints("ml-100k", "smoke", [0])
+    assert len(kept) == 6 and all(p.with_suffix(".json").is_file() for p in kept)
+    assert not list(checkpoint_dir("ml-100k", "smoke").glob("*.tmp"))
+    ok = fm_cli("verify", "--dataset", "ml-100k", "--profile", "smoke")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.startswith("verified 19 runs of ml-100k-smoke (seeds 0): all 456 values") and \
+        ok.stdout.count("\n") == 1
+
+    def fails(message):
+        r = fm_cli("verify", "--dataset", "ml-100k", "--profile", "smoke", "--quiet")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    # a number of runs.csv that the checkpoints do not give
+    csv = pd.read_csv(folder / "runs.csv")
+    good = csv.copy()
+    i = csv.index[(csv["row"] == "fisher_topk_10") & (csv["protocol"] == "corrected") & (csv["mode"] == "uni100")
+                  & (csv["metric"] == "ndcg@20")][0]
+    csv.loc[i, "value"] += 1e-4
+    csv.to_csv(folder / "runs.csv", index=False)
+    fails("mismatch: fisher_topk_10 seed 0 corrected uni100 ndcg@20")
+    good.to_csv(folder / "runs.csv", index=False)
+    # a checkpoint whose config is not its row's
+    conf = checkpoint_dir("ml-100k", "smoke") / "duorec_sup-s0.json"
+    text = conf.read_text()
+    conf.write_text(text.replace('"cl_weight": 0.1', '"cl_weight": 0.2'))
+    fails("does not match row duorec_sup seed 0 (differs in cl_weight)")
+    conf.write_text(text)
+    # no checkpoints at all
+    for p in checkpoint_dir("ml-100k", "smoke").iterdir():
+        p.unlink()
+    checkpoint_dir("ml-100k", "smoke").rmdir()
+    fails("has no kept checkpoints")
+    r = fm_cli("verify", "--dataset", "ml-100k", "--profile", "paper", "--quiet")
+    assert r.returncode == 2 and ("nothing to verify" in r.stderr or "no kept checkpoints" in r.stderr)
+
+
+def fm_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fmpaper", *args], capture_output=True, text=True)

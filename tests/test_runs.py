@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmpaper import FmpaperError
-from fmpaper.experiments import get_row, rows, run_dir, run_row, train_config
+from fmpaper.rows import get_row, rows
+from fmpaper.runs import PAPER_TABLE, merge_runs, run_dir, run_row, train_config
 
 ROOT_ROWS = ["baseline", "cl4srec", "duorec_sup", "duorec_unsup", "duorec_supunsup", "fisher_random_10",
              "fisher_random_30", "fisher_random_50", "fisher_topk_10", "fisher_topk_30", "fisher_topk_50",
@@ -23,9 +24,7 @@ def root(tmp_path_factory):
 def test_rows_declare_the_paper_table():
     paper = [r.name for r in rows().values() if r.paper]
     assert paper == ROOT_ROWS
-    csv = Path(__file__).resolve().parents[2] / "shared" / "paper" / "paper_table.csv"
-    if csv.exists():
-        assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ROOT_ROWS
+    assert [line.split(",")[0] for line in PAPER_TABLE.read_text().splitlines()[1:]] == ROOT_ROWS
     with pytest.raises(FmpaperError, match="unknown row 'nope'"):
         get_row("nope")
 
@@ -104,7 +103,6 @@ def test_cli_fisher_and_merge(root, tmp_path):
 
 
 def test_merge_then_finetune(root, tmp_path):
-    from fmpaper.experiments import merge_runs
     members = [run_dir(m, profile="smoke", root=root) for m in get_row("uniform").members]
     m = merge_runs(members, tmp_path / "ft", finetune_epochs=1, progress=False)
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
@@ -112,3 +110,72 @@ def test_merge_then_finetune(root, tmp_path):
     assert cfg["variant"] == "sasrec" and cfg["epochs"] == 1 and m["epochs_run"] == 1
     with pytest.raises(FmpaperError, match="already holds"):
         merge_runs(members, tmp_path / "ft", progress=False)
+
+
+def test_fisher_spec_is_the_one_rule_for_k():
+    from fmpaper.rows import FisherSpec
+    assert FisherSpec("random", 10).items_per_sequence == 10
+    assert FisherSpec("target").items_per_sequence == 1 and FisherSpec("exact").items_per_sequence is None
+    for bad, match in [(("target", 1), "takes no k"), (("exact", 5), "takes no k"), (("topk", None), "needs k"),
+                       (("model", 0), "needs k"), (("nope", None), "unknown Fisher estimator"),
+                       (("exact", None, True), "batchwise"), (("random", 3, False, True), "authors")]:
+        with pytest.raises(FmpaperError, match=match):
+            FisherSpec(*bad)
+    assert get_row("fisher_target_1").fisher == FisherSpec("target")
+    assert get_row("fisher_topk_30").fisher == FisherSpec("topk", 30)
+    assert get_row("uniform").fisher is None and get_row("baseline").fisher is None
+
+
+def test_ensemble_scores_are_the_members_mean_probability(tiny_cfg):
+    from fmpaper.model import SASRec
+    from fmpaper.runs import Ensemble
+    models = [SASRec(30, tiny_cfg).eval() for _ in range(3)]
+    seq, lengths = torch.tensor([[3, 7, 1, 0], [5, 2, 8, 9]]), torch.tensor([3, 4])
+    ens = Ensemble(models).eval()
+    scores = ens.logits(ens.encode(seq, lengths))                        # (B, n_items)
+    mean_p = torch.stack([m.logits(m.encode(seq, lengths)).softmax(-1) for m in models]).mean(0)
+    torch.testing.assert_close(scores.exp(), mean_p, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("field,flag,set_value,flag_value", [
+    ("variant", "--variant", "cl4srec", "duorec_sup"), ("dataset", "--dataset", "ml-1m", "ml-100k"),
+    ("seed", "--seed", "3", "4"), ("epochs", "--epochs", "1", "2"), ("device", "--device", "cuda", "cpu")])
+def test_train_flags_and_set_merge(field, flag, set_value, flag_value):
+    from fmpaper.cli import build_parser, train_overrides
+    parse = build_parser().parse_args
+    only_set = train_overrides(parse(["train", "--set", f"{field}={set_value}"]))
+    assert str(only_set[field]) == set_value                           # --set alone reaches the config
+    both = train_overrides(parse(["train", "--set", f"{field}={set_value}", flag, flag_value]))
+    assert str(both[field]) == flag_value                              # the dedicated flag wins
+
+
+def test_train_cli_with_set_runs(tmp_path):
+    r = fm("train", "--profile", "smoke", "--set", "epochs=1", "--set", "hidden=16", "--set", "inner=32",
+           "--out", tmp_path / "run", "--quiet")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["epochs"] == 1 and cfg["hidden"] == 16
+    r = fm("train", "--profile", "smoke", "--set", "profile=paper", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "--profile" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_smoke_metrics_match_stored_values(root):
+    """Training and evaluation have not drifted: a fresh smoke run of every trained variant and of
+    two merges gives the metrics stored in tests/expected/smoke.json (regenerate that file with
+    tests/expected/make_smoke.py when a change is meant to alter them)."""
+    import importlib.util
+    path = Path(__file__).with_name("expected") / "make_smoke.py"
+    spec = importlib.util.spec_from_file_location("make_smoke", path)
+    make_smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_smoke)
+    stored = json.loads(path.with_name("smoke.json").read_text())
+    fresh = make_smoke.compute(root)
+    assert set(fresh) == set(stored)
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])
+    got, want = dict(flat(fresh)), dict(flat(stored))
+    assert got.keys() == want.keys()
+    drift = {k: (want[k], got[k]) for k in want if abs(got[k] - want[k]) > 1e-6}
+    assert not drift, f"{len(drift)} values drifted, e.g. {next(iter(drift.items()))}"

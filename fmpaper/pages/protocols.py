@@ -1,22 +1,23 @@
-"""The protocols chapter: what the 100 sampled negatives of each protocol hold, and how often a
-target ranks worse among the 101 POPULAR candidates than among all items (impossible under a
-sound sampled protocol). Read back from finished runs; nothing is trained here."""
+"""The protocols chapter (notebooks/protocols.ipynb): what the 100 sampled negatives of each
+protocol hold, and how often a target ranks worse among the 101 POPULAR candidates than among
+all items (impossible under a sound sampled protocol). Read back from finished runs.
+"""
 from __future__ import annotations
 
 import pandas as pd
 import torch
 
-from .evaluate import PROTOCOLS
-from .results import MODE_NAMES, Text, _data_for, _labels, _ranks, _row_order, _run_dirs, _seeds_text, check_params
-
+from ..evaluate import PROTOCOLS, ndcg, sample_negatives, user_item_mask
+from ..rows import labels, row_order
+from ..runs import finished, profile_data, ranks_of
+from .display import MODE_NAMES, Text, check_params, seeds_text
 
 def sampler_diagnostics(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
     """What the 100 negatives of each protocol and mode hold, averaged over users and seeds: distinct
     items, copies of the target, items of the user's own sequence, users whose negatives include
     the target. Drawn exactly as in evaluation (evaluate.sample_negatives with the run's seeds)."""
-    from .evaluate import sample_negatives, user_item_mask
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
-    data = _data_for(dataset or None, profile)
+    data = profile_data(dataset or None, profile)
     target = data.items[data.eval_targets("test")]
     mine = user_item_mask(data)
     out = []
@@ -45,12 +46,11 @@ def rank_stats(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFram
     """Numeric, per row and protocol (means over seeds): share of users ranked worse among the
     101 POPULAR candidates than among all items (impossible for a sound sampled protocol), and
     mean NDCG@10 in FULL and POPULAR."""
-    from .evaluate import ndcg
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
-    found, _ = _run_dirs(dataset or None, profile, p["seeds"], rows)
+    found, _ = finished(dataset or None, profile, p["seeds"], rows)
     recs = []
     for (name, s), d in found.items():
-        r = _ranks(d)
+        r = ranks_of(d)
         for protocol in PROTOCOLS:
             full, pop = r[f"{protocol}.full"], r[f"{protocol}.pop100"]
             recs.append(dict(row=name, seed=s, protocol=protocol,
@@ -71,8 +71,8 @@ def rank_diagnostics(dataset=None, profile="quick", seeds=1, rows=None) -> pd.Da
         row[(r["protocol"], "users with POPULAR rank > FULL rank")] = f"{r['pop_worse']:.1%}"
         row[(r["protocol"], "FULL NDCG@10")] = round(r["full_ndcg10"], 4)
         row[(r["protocol"], "POPULAR NDCG@10")] = round(r["pop_ndcg10"], 4)
-    order = _row_order(out)
-    t = pd.DataFrame([out[n] for n in order], index=pd.Index(_labels(order), name="row"))
+    order = row_order(out)
+    t = pd.DataFrame([out[n] for n in order], index=pd.Index(labels(order), name="row"))
     if len(t.columns):
         cols = [c for protocol in PROTOCOLS for c in t.columns if c[0] == protocol]
         t = t[cols]
@@ -93,5 +93,5 @@ def popular_vs_full(dataset=None, profile="quick", seeds=1) -> Text:
         parts.append(f"under the {protocol} protocol, mean POPULAR NDCG@10 lies below FULL NDCG@10 in {below} "
                      f"of {len(sub)} rows, and on average {sub['pop_worse'].mean():.1%} of the users rank "
                      f"worse among the 101 POPULAR candidates than among all items")
-    prov = f"{st.attrs['dataset']}, profile {st.attrs['profile']}, seeds {_seeds_text(st.attrs['seeds'])}"
+    prov = f"{st.attrs['dataset']}, profile {st.attrs['profile']}, seeds {seeds_text(st.attrs['seeds'])}"
     return Text(f"In these runs ({prov}): " + "; ".join(parts) + ".")

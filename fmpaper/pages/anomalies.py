@@ -1,17 +1,16 @@
-"""The paper's odd numbers, set against chance and against our own runs.
+"""The anomalies chapter (notebooks/anomalies.ipynb): the paper's odd numbers, set against chance
+and against our own runs.
 
-Three values of the published table (paper_table.csv, MovieLens-1M) cannot come from a sound
-evaluation of a working model, and one row is far below its siblings:
+Three values of the published table (MovieLens-1M) cannot come from a sound evaluation of a
+working model, and one row is far below its siblings:
 
 - POPULAR lies below FULL in every row, although 101 candidates are a subset of all items.
 - CL4SRec's RANDOM NDCG@20 (0.0430) lies below its NDCG@10 (0.0513); per user NDCG@20 =
   NDCG@10 + (non-negative terms of ranks 11..20), so no single ranking can give that.
 - The CL4SRec row itself: FULL NDCG@10 0.0585 against 0.135 for every other trained model.
 
-The yardstick for the sampled modes is chance: a target at a uniformly random rank among n
-candidates has expected NDCG@k = (1/n) sum_{r=1..min(k,n)} 1 / log2(r + 1), which for n = 101 is
-0.0450 at k = 10 and 0.0697 at k = 20. Everything below reads finished runs (`fmpaper.results`)
-or re-evaluates their checkpoints; nothing is trained here.
+The yardstick for the sampled modes is chance (fmpaper.stats.chance_ndcg). Everything here
+reads finished runs or re-evaluates their checkpoints; nothing is trained.
 """
 from __future__ import annotations
 
@@ -19,46 +18,35 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy.stats import kendalltau
 
-from .results import (MODE_NAMES, Captioned, Text, _data_for, _mean_over_seeds, _per_user_ndcg, _run_dirs, _seeds_text,
-                      check_params, collect, load_paper_table)
+from ..evaluate import evaluate
+from ..rows import fisher_merges, get_row, labels, rows
+from ..runs import finished, load, load_paper_table, profile_data, run_dir, user_ndcg
+from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds
+from .display import MODE_NAMES, Captioned, Text, check_params, runs_table, seeds_text
 
-CANDIDATES = 101         # the target and 100 sampled negatives
 ML1M_USERS = 6040        # test users of ML-1M after the 5-core filter (`fmpaper data stats ml-1m`)
+
+
 SAMPLED_COLUMNS = {"random_ndcg10": ("RANDOM", 10), "random_ndcg20": ("RANDOM", 20),
                    "popular_ndcg10": ("POPULAR", 10), "popular_ndcg20": ("POPULAR", 20)}
+
+
 SCHEMES = ("random", "topk", "model")
-
-
-def _gains(n: int, k: int) -> np.ndarray:
-    return 1.0 / np.log2(np.arange(2, min(k, n) + 2))      # gain at ranks 1..min(k, n)
-
-
-def chance_ndcg(n: int = CANDIDATES, k: int = 10) -> float:
-    """Expected NDCG@k of a target at a uniformly random rank among n candidates."""
-    return float(_gains(n, k).sum() / n)
-
-
-def chance_sd(n: int = CANDIDATES, k: int = 10) -> float:
-    """Per-user standard deviation of that NDCG@k."""
-    g = _gains(n, k)
-    return math.sqrt(float((g ** 2).sum() / n) - chance_ndcg(n, k) ** 2)
 
 
 def paper_vs_chance(users: int = ML1M_USERS) -> Captioned:
     """Every sampled-mode value of the paper's table next to chance, in standard errors of a
     mean over `users` users of a model that ranks at random."""
     paper = load_paper_table()
-    if paper is None:
-        return Captioned(pd.DataFrame(), "The paper's table is not available (../shared/paper/)")
     t = {}
     for col, (mode, k) in SAMPLED_COLUMNS.items():
         c, se = chance_ndcg(CANDIDATES, k), chance_sd(CANDIDATES, k) / math.sqrt(users)
         t[(f"{mode} NDCG@{k}", "paper")] = paper[col].round(4)
         t[(f"{mode} NDCG@{k}", "z vs chance")] = ((paper[col] - c) / se).round(1)
     out = pd.DataFrame(t)
-    out.index = paper["method"] + paper["n_items"].map(lambda v: "" if pd.isna(v) else f" (k={int(v)})")
-    out.index.name = None
+    out.index = labels(paper.index)
     note = (f"chance among {CANDIDATES} candidates: NDCG@10 {chance_ndcg(k=10):.4f}, NDCG@20 "
             f"{chance_ndcg(k=20):.4f}; z = (paper - chance) / (per-user sd / sqrt({users})), the "
             f"standard error of a mean over ML-1M's {users} test users if the model ranked at random.")
@@ -67,8 +55,6 @@ def paper_vs_chance(users: int = ML1M_USERS) -> Captioned:
 
 def chance_summary(users: int = ML1M_USERS) -> Text:
     paper = load_paper_table()
-    if paper is None:
-        return Text("The paper's table is not available.")
     parts = []
     for mode, cols in (("POPULAR", ("popular_ndcg10", "popular_ndcg20")), ("RANDOM", ("random_ndcg10", "random_ndcg20"))):
         z = np.array([[(paper[c] - chance_ndcg(k=k)) / (chance_sd(k=k) / math.sqrt(users))]
@@ -83,17 +69,13 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
                    draws: int = 20) -> Captioned:
     """Re-evaluate finished runs under the paper protocol with `draws` sampler seeds: how much
     the unseeded sampler of the authors moves the sampled metrics of one fixed model."""
-    from .evaluate import evaluate
-    from .experiments import run_dir
-    from .train import load_run
     p = check_params(dataset=dataset, profile=profile, seed=seed)
-    recs, users, data = {}, None, None
+    recs, users = {}, None
     for name in rows:
         d = run_dir(name, dataset or None, profile, p["seed"])
         if not (d / "metrics.json").is_file():
             continue
-        data = data or _data_for(dataset or None, profile, p["seed"])  # one load for every model
-        run = load_run(d, data=data)
+        run = load(d)
         vals = [evaluate(run.model, run.data, "paper", seed=1000 + i) for i in range(draws)]
         for mode in ("uni100", "pop100"):
             for metric in ("ndcg@10", "ndcg@20"):
@@ -110,23 +92,19 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
 
 def _sampled_rows() -> list[str]:
     """The paper's ten Fisher merges with a sampled estimator (random/top-k/model at 3 k, target)."""
-    from .experiments import rows
-    return [n for n, r in rows().items() if r.kind == "merge" and r.paper and r.estimator in (*SCHEMES, "target")]
+    return [n for n in fisher_merges() if rows()[n].paper and rows()[n].estimator in (*SCHEMES, "target")]
 
 
 def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:
     """NDCG@10 of the ten sampled Fisher merges in each mode, the paper's and ours, with each
     value's rank among the ten (1 = best) and Kendall's tau between the two orders."""
-    from scipy.stats import kendalltau
-
-    from .experiments import get_row
     paper = load_paper_table()
-    df = collect(dataset, profile, seeds)
+    df = runs_table(dataset, profile, seeds)
     names = _sampled_rows()
     cols, taus = {}, {}
     for mode, pcol in (("full", "full_ndcg10"), ("uni100", "random_ndcg10"), ("pop100", "popular_ndcg10")):
-        ours = _mean_over_seeds(df, protocol, mode, "ndcg@10")["mean"].reindex(names) if len(df) else pd.Series(np.nan, index=names)
-        pv = paper[pcol].reindex(names) if paper is not None else pd.Series(np.nan, index=names)
+        ours = mean_over_seeds(df, protocol, mode, "ndcg@10")["mean"].reindex(names) if len(df) else pd.Series(np.nan, index=names)
+        pv = paper[pcol].reindex(names)
         m = MODE_NAMES[mode]
         cols[(m, "paper")], cols[(m, "ours")] = pv, ours
         cols[(m, "rank paper")] = pv.rank(ascending=False, method="min")
@@ -134,8 +112,8 @@ def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captio
         ok = pv.notna() & ours.notna()
         taus[m] = kendalltau(pv[ok], ours[ok]).statistic if ok.sum() >= 3 else float("nan")
     t = pd.DataFrame(cols)
-    t.index = [f"{get_row(n).estimator} {get_row(n).k}" for n in names]
-    note = (f"ours: {protocol} protocol, mean over seeds {_seeds_text(check_params(seeds=seeds)['seeds'])}; Kendall's tau "
+    t.index = [f"{get_row(n).estimator} {get_row(n).k or ''}".strip() for n in names]
+    note = (f"ours: {protocol} protocol, mean over seeds {seeds_text(check_params(seeds=seeds)['seeds'])}; Kendall's tau "
             "between the paper's order and ours: " + ", ".join(f"{m} {v:+.2f}" for m, v in taus.items()) + ".")
     return Captioned(t.round(4), "Order of the sampling schemes and of k (NDCG@10)", note)
 
@@ -143,17 +121,16 @@ def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captio
 def ordering_summary(dataset=None, profile="quick", seeds=1, users: int = ML1M_USERS) -> Text:
     """How far apart the paper's Fisher rows are, against the noise of one evaluation, and
     whether larger k helps in the paper and in our runs."""
-    from .experiments import get_row
     paper = load_paper_table()
-    df = collect(dataset, profile, seeds)
-    if paper is None or df.empty:
+    df = runs_table(dataset, profile, seeds)
+    if df.empty:
         return Text("Not enough finished runs (or no paper table) to compare orders.")
     names = _sampled_rows()
     full = df[(df["protocol"] == "paper") & (df["mode"] == "full") & (df["metric"] == "ndcg@10")]
     spread = float(paper.loc[names, "full_ndcg10"].max() - paper.loc[names, "full_ndcg10"].min())
     # per-user sd of FULL NDCG@10 in our merged runs -> standard error of one evaluation on ML-1M
-    found, _ = _run_dirs(dataset or None, profile, check_params(seeds=seeds)["seeds"], names)
-    sds = [float(np.std(_per_user_ndcg(d, "paper.full", 10))) for d in found.values()]
+    found, _ = finished(dataset or None, profile, check_params(seeds=seeds)["seeds"], names)
+    sds = [float(np.std(user_ndcg(d, "paper.full", 10))) for d in found.values()]
     se = float(np.mean(sds)) / math.sqrt(users) if sds else float("nan")
     ours = full.groupby("row")["value"].mean()
     grow = []
@@ -181,24 +158,23 @@ def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> C
     """CL4SRec trained with CE + InfoNCE (our table row) and with InfoNCE alone (the authors'
     later commit), each relative to SASRec, next to the paper's CL4SRec/SASRec ratio."""
     paper = load_paper_table()
-    df = collect(dataset, profile, seeds, rows=["baseline", "cl4srec", "cl4srec_infonce"])
+    df = runs_table(dataset, profile, seeds, names=["baseline", "cl4srec", "cl4srec_infonce"])
     recs = {}
     for mode, pcol in (("full", "full_ndcg10"), ("uni100", "random_ndcg10"), ("pop100", "popular_ndcg10")):
-        m = _mean_over_seeds(df, protocol, mode, "ndcg@10") if len(df) else pd.DataFrame(columns=["mean", "std"])
+        m = mean_over_seeds(df, protocol, mode, "ndcg@10") if len(df) else pd.DataFrame(columns=["mean", "std"])
         base = m["mean"].get("baseline", np.nan)
         col = f"{MODE_NAMES[mode]} NDCG@10"
         for name in ("baseline", "cl4srec", "cl4srec_infonce"):
             recs.setdefault(name, {})[(col, "ours")] = m["mean"].get(name, np.nan)
             recs[name][(col, "sd")] = m["std"].get(name, np.nan)
             recs[name][(col, "ours / SASRec")] = m["mean"].get(name, np.nan) / base
-        if paper is not None:
-            recs["baseline"][(col, "paper / SASRec")] = 1.0
-            recs["cl4srec"][(col, "paper / SASRec")] = paper.loc["cl4srec", pcol] / paper.loc["baseline", pcol]
+        recs["baseline"][(col, "paper / SASRec")] = 1.0
+        recs["cl4srec"][(col, "paper / SASRec")] = paper.loc["cl4srec", pcol] / paper.loc["baseline", pcol]
     t = pd.DataFrame(recs).T
     t.index = ["SASRec (CE)", "CL4SRec (CE + 0.1 InfoNCE)", "CL4SRec (InfoNCE only)"]
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     note = (f"ours: {p['dataset']}, profile {profile}, {protocol} protocol, mean and sd over seeds "
-            f"{_seeds_text(p['seeds'])}; the paper's ratios are from its ML-1M table.")
+            f"{seeds_text(p['seeds'])}; the paper's ratios are from its ML-1M table.")
     return Captioned(t.round(4), "Which CL4SRec did the paper's table report?", note)
 
 
@@ -209,11 +185,11 @@ def cl4srec_summary(dataset=None, profile="quick", seeds=1, protocol="paper") ->
     col = ("FULL NDCG@10", "ours / SASRec")
     ce, nce = t[col].iloc[1], t[col].iloc[2]
     paper = load_paper_table()
-    if paper is None or np.isnan(ce) or np.isnan(nce):
+    if np.isnan(ce) or np.isnan(nce):
         return Text("Not enough finished runs (or no paper table) for this comparison.")
     target = float(paper.loc["cl4srec", "full_ndcg10"] / paper.loc["baseline", "full_ndcg10"])
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
-    n_items = _data_for(dataset or None, profile, p["seeds"][0]).n_items
+    n_items = profile_data(dataset or None, profile).n_items
     chance = chance_ndcg(n_items, 10)
     nce_abs = t[("FULL NDCG@10", "ours")].iloc[2]
     closer = "CE + InfoNCE" if abs(ce - target) < abs(nce - target) else "InfoNCE only"
@@ -223,4 +199,4 @@ def cl4srec_summary(dataset=None, profile="quick", seeds=1, protocol="paper") ->
                 f"trains the item embeddings to score the next item. The paper's ratio lies closer to our "
                 f"{closer} model"
                 + (", between the two" if min(ce, nce) < target < max(ce, nce) else ", outside the two")
-                + f" ({p['dataset']}, profile {profile}, seeds {_seeds_text(p['seeds'])}).")
+                + f" ({p['dataset']}, profile {profile}, seeds {seeds_text(p['seeds'])}).")

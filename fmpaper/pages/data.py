@@ -1,0 +1,103 @@
+"""The data chapter (notebooks/data.ipynb): the dataset after preprocessing, its sequence lengths
+and item popularity.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..config import make_config
+from ..data import load
+from ..runs import dataset_name, results_dir
+from ..train import hardware
+from .display import PALETTE, check_params, empty, figure, log_ticks, style
+
+
+def data_summary(dataset=None, profile="quick") -> pd.DataFrame:
+    """Users, items, interactions, training examples and sequence lengths: the whole dataset
+    after the 5-core filter, and the profile's subset when it keeps fewer users."""
+    p = check_params(dataset=dataset, profile=profile)
+    cfg = make_config(profile, dataset=dataset or None)
+    sets = {f"{p['dataset']} after {cfg.min_count}-core": load(cfg.dataset, cfg.max_len, cfg.min_count, 0)}
+    if cfg.max_users:
+        sets[f"profile {profile} (first {cfg.max_users} users)"] = load(cfg.dataset, cfg.max_len, cfg.min_count,
+                                                                         cfg.max_users)
+    rows = {}
+    for name, d in sets.items():
+        n = d.offsets.diff().double()
+        st = d.stats()
+        rows[name] = {"users": st["users"], "items": st["items"], "interactions": st["interactions"],
+                      "training examples": st["train_examples"],
+                      "density": f"{st['interactions'] / (st['users'] * st['items']):.2%}",
+                      "mean length": round(float(n.mean()), 1), "median length": int(n.median()),
+                      "max length": int(n.max()),
+                      f"users longer than {cfg.max_len}": f"{float((n > cfg.max_len).double().mean()):.1%}"}
+    t = pd.DataFrame.from_dict(rows, orient="index")
+    t.attrs.update(dataset=p["dataset"], profile=profile, max_len=cfg.max_len)
+    return t
+
+
+def sequence_lengths(dataset=None, profile="quick") -> pd.DataFrame:
+    """Interactions per user (long: set, user, length) for the whole data and the profile's subset;
+    and items' interaction counts in attrs["item_counts"]."""
+    check_params(dataset=dataset, profile=profile)
+    cfg = make_config(profile, dataset=dataset or None)
+    sets = {"all users": load(cfg.dataset, cfg.max_len, cfg.min_count, 0)}
+    if cfg.max_users:
+        sets[f"profile {profile}"] = load(cfg.dataset, cfg.max_len, cfg.min_count, cfg.max_users)
+    frames = [pd.DataFrame({"set": name, "user": np.arange(d.n_users), "length": d.offsets.diff().numpy()})
+              for name, d in sets.items()]
+    out = pd.concat(frames, ignore_index=True)
+    counts = sets["all users"].item_counts()[1:].numpy()
+    out.attrs.update(max_len=cfg.max_len, item_counts=np.sort(counts)[::-1].copy(),
+                     dataset=Path(cfg.dataset).stem, profile=profile)
+    return out
+
+
+def figures_dir(dataset=None, profile="quick") -> Path:
+    """Where the chapter's figures are saved: results/<dataset>-<profile>/figures/."""
+    return results_dir(dataset or None, profile) / "figures"
+
+
+def machine_caption(dataset=None, profile="quick") -> str:
+    """dataset · profile · this machine: the caption of figures made from data, not runs."""
+    return f"{dataset_name(dataset or None, profile)} · profile {profile} · {hardware()}"
+
+
+def plot_sequence_lengths(lengths: pd.DataFrame, caption: str | None = None) -> Figure:
+    """Histogram of interactions per user (log x), one colour per set, with the input cut-off
+    max_len; and the items' popularity curve (interactions per item, by rank)."""
+    fig = figure(10, 3.6, caption)
+    ax, ax2 = fig.subplots(1, 2, width_ratios=(3, 2))
+    sets = list(dict.fromkeys(lengths["set"]))
+    bins = np.logspace(np.log10(max(1, lengths["length"].min())), np.log10(lengths["length"].max() + 1), 40)
+    for i, s in enumerate(sets):
+        v = lengths.loc[lengths["set"] == s, "length"]
+        ax.hist(v, bins=bins, weights=np.full(len(v), 100.0 / max(1, len(v))), color=PALETTE[i],
+                alpha=0.55 if len(sets) > 1 else 0.85, label=f"{s} ({len(v)} users)")
+    max_len = lengths.attrs.get("max_len")
+    if max_len:
+        ax.axvline(max_len, color="0.2", linestyle="--", linewidth=1)
+        ax.annotate(f"inputs keep the last {max_len} items", (max_len, 0.95), xycoords=("data", "axes fraction"),
+                    xytext=(4, 0), textcoords="offset points", fontsize=8, va="top")
+    log_ticks(ax, lengths["length"].min(), lengths["length"].max())
+    ax.set_xlabel("interactions per user (log scale)")
+    ax.set_ylabel("% of users")
+    ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1, 0.88))
+    ax.set_title("Sequence lengths", fontsize=10)
+    style(ax)
+    counts = lengths.attrs.get("item_counts")
+    if counts is not None and len(counts):
+        ax2.plot(np.arange(1, len(counts) + 1), counts, color=PALETTE[0])
+        ax2.set_xscale("log")
+        ax2.set_yscale("log")
+        ax2.set_xlabel("item rank by popularity (log)")
+        ax2.set_ylabel("interactions (log)")
+        ax2.set_title("Item popularity (all users)", fontsize=10)
+        style(ax2)
+    else:
+        empty(ax2, "no item counts")
+    return fig

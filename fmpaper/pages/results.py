@@ -1,0 +1,208 @@
+"""The results chapter (notebooks/results.ipynb): the paper's table beside ours under each
+protocol, the paired comparisons and their verdicts, the written tables, and the rows under
+several training profiles.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import kendalltau
+
+from .. import FmpaperError
+from ..config import make_config
+from ..evaluate import PROTOCOLS
+from ..rows import labels, row_order
+from ..runs import PAPER_COLUMNS, collect, load_paper_table, results_dir
+from ..stats import mean_over_seeds, paired_tests
+from .display import MODE_NAMES, Captioned, Provenance, check_params, provenance, seeds_text, to_markdown
+from .figures import fisher_costs
+
+
+def side_by_side(df: pd.DataFrame, protocol: str, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Numeric table: index row; columns (quantity, stat) for each paper quantity (e.g. "FULL
+    NDCG@10") with stat in paper, ours (mean over seeds), sd (over seeds), n (seeds), diff
+    (ours - paper). paper=None reads the published table."""
+    if protocol not in PROTOCOLS:
+        raise FmpaperError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if paper is None:
+        paper = load_paper_table()
+    sub = df[df["protocol"] == protocol]
+    agg = sub.groupby(["row", "mode", "metric"])["value"].agg(["mean", "std", "count"])
+    names = set(sub["row"])
+    if paper is not None:
+        names |= set(paper.index)
+    index = row_order(names)
+    cols = {}
+    for (mode, metric), pcol in PAPER_COLUMNS.items():
+        q = f"{MODE_NAMES[mode]} {metric.upper()}"
+        pv = pd.Series([paper[pcol].get(n, np.nan) if paper is not None else np.nan for n in index], index=index)
+        ours = pd.Series([agg["mean"].get((n, mode, metric), np.nan) for n in index], index=index)
+        sd = pd.Series([agg["std"].get((n, mode, metric), np.nan) for n in index], index=index)
+        cnt = pd.Series([agg["count"].get((n, mode, metric), 0) for n in index], index=index)
+        cols.update({(q, "paper"): pv, (q, "ours"): ours, (q, "sd"): sd, (q, "n"): cnt, (q, "diff"): ours - pv})
+    out = pd.DataFrame(cols)
+    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["quantity", "stat"])
+    out.index.name = "row"
+    return out
+
+
+def format_side_by_side(t: pd.DataFrame, digits: int = 4, paper: str = "paper", delta: bool = True) -> pd.DataFrame:
+    """Strings for display: per quantity the paper's value (column named `paper`), ours as
+    mean ± sd, and the difference Δ when `delta` (only between numbers of the same dataset and
+    protocol)."""
+    def num(x, signed=False):
+        if x is None or not np.isfinite(x):
+            return "–"
+        return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    cols = {}
+    for q in t.columns.get_level_values(0).unique():
+        cols[(q, paper)] = [num(v) for v in t[(q, "paper")]]
+        cols[(q, "ours")] = [num(m) + (f"±{s:.{digits}f}" if np.isfinite(s) else "")
+                             if np.isfinite(m) else "not run"
+                             for m, s in zip(t[(q, "ours")], t[(q, "sd")])]
+        if delta:
+            cols[(q, "Δ")] = [num(v, True) for v in t[(q, "diff")]]
+    out = pd.DataFrame(cols, index=pd.Index(labels(t.index), name="row"))
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    return out
+
+
+PAPER_DATASET = "ml-1m"     # the dataset of the published table
+PAPER_PROTOCOL = "paper"    # the protocol its numbers were computed under
+
+
+def show_table(df: pd.DataFrame, protocol: str) -> Captioned:
+    """The side-by-side table of one protocol, captioned with its provenance. A difference to the
+    paper is shown only like for like: our runs on the paper's dataset under its protocol."""
+    t = side_by_side(df, protocol, load_paper_table())
+    same = df.attrs.get("dataset") == PAPER_DATASET and protocol == PAPER_PROTOCOL
+    shown = format_side_by_side(t, paper="paper" if same else "paper (ML-1M, authors' protocol)", delta=same)
+    seeds = df.attrs.get("seeds", [])
+    if same:
+        src = "paper: the published table (ML-1M, one run per row); Δ = ours − paper"
+    else:
+        src = (f"paper: the published table, for reference only: it is ML-1M under the authors' protocol, "
+               f"ours is {df.attrs.get('dataset')} under the {protocol} protocol, so no difference is taken")
+    note = f"{src}; ours: mean±sd over {len(seeds)} seed(s); † marks reference rows the paper does not have."
+    return Captioned(shown, f"NDCG under the {protocol} protocol · {provenance(df).short}", note)
+
+
+def show_paired(paired: pd.DataFrame, reference: str, prov: Provenance | None = None) -> Captioned:
+    """One reference's comparisons as 'mean diff [CI] p' strings: rows x protocol/mode."""
+    sub = paired[paired["reference"] == reference]
+    k, level = paired.attrs.get("k", 10), paired.attrs.get("level", 0.95)
+    cells = {}
+    for _, r in sub.iterrows():
+        col = "FULL (both protocols)" if r["mode"] == "full" else f"{r['protocol']} {MODE_NAMES[r['mode']]}"
+        if r["mode"] == "full" and r["protocol"] == "corrected":
+            continue  # FULL ranks every item: the same under both protocols
+        cells.setdefault(r["row"], {})[col] = (f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+                                               f"p={r['p_wilcoxon']:.2g}")
+    order = row_order(cells)
+    t = pd.DataFrame([cells[n] for n in order], index=pd.Index(labels(order), name="row"))
+    refs = ", ".join(sorted(set(", ".join(sub["reference_rows"]).split(", ")))) if len(sub) else "none"
+    who = prov.short if prov is not None else (
+        f"{paired.attrs.get('dataset')} · profile {paired.attrs.get('profile')} · "
+        f"seeds {seeds_text(paired.attrs.get('seeds', []))}")
+    note = (f"Per-user NDCG@{k} of the row minus that of the {reference} ({refs}); mean over users "
+            f"[{level:.0%} paired bootstrap CI, {paired.attrs.get('n_boot')} resamples] and two-sided "
+            f"Wilcoxon signed-rank p (no correction for multiple comparisons).")
+    return Captioned(t, f"Paired comparison against the {reference} · {who}", note)
+
+
+def verdict(paired: pd.DataFrame) -> Captioned:
+    """Which combined rows beat each reference, which lose to it and which are not resolved (the
+    bootstrap CI of the mean per-user difference above 0, below 0, or across 0), in FULL and in
+    the corrected sampled modes."""
+    a = paired.attrs
+    recs = {}
+    for ref in ("best single model", "uniform merge"):
+        sub = paired[(paired["reference"] == ref) & ((paired["mode"] == "full") & (paired["protocol"] == "paper")
+                                                    | (paired["protocol"] == "corrected") & (paired["mode"] != "full"))]
+        for mode, g in sub.groupby("mode", sort=False):
+            up, down = g["ci_low"] > 0, g["ci_high"] < 0
+            recs[(ref, MODE_NAMES[mode] + ("" if mode == "full" else " (corrected)"))] = {
+                what: ", ".join(g.loc[mask, "row"]) or "none"
+                for what, mask in (("better", up), ("worse", down), ("not resolved", ~up & ~down))}
+    t = pd.DataFrame(recs).T if recs else pd.DataFrame(columns=["better", "worse", "not resolved"])
+    note = (f"Per-user NDCG@{a.get('k', 10)}, {a.get('level', 0.95):.0%} paired bootstrap intervals of the mean "
+            f"difference; {a.get('dataset')}, profile {a.get('profile')}, seeds {seeds_text(a.get('seeds', []))}.")
+    return Captioned(t, "Which differences survive", note)
+
+
+def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | None = None,
+                 paired: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Write the long run table, the side-by-side tables (both protocols), the paired tests (CSV
+    and Markdown) and the seconds of every Fisher computation (CSV) under results/<dataset>-<profile>/. Returns a table of the files written."""
+    seeds = check_params(dataset=dataset, profile=profile, seeds=seeds)["seeds"]
+    runs = collect(dataset or None, profile, seeds) if runs is None else runs
+    paired = paired_tests(dataset or None, profile, seeds) if paired is None else paired
+    out = results_dir(dataset or None, profile)
+    out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(runs)
+    header = f"<!-- written by fmpaper.pages.results.write_tables; {prov.text()} -->\n\n"
+    written = []
+
+    def put(name, text):
+        (out / name).write_text(text)
+        written.append(name)
+    put("runs.csv", runs.to_csv(index=False))
+    for protocol in PROTOCOLS:
+        t = side_by_side(runs, protocol)
+        flat = t.copy()
+        if not (runs.attrs.get("dataset") == PAPER_DATASET and protocol == PAPER_PROTOCOL):
+            flat = flat.drop(columns="diff", level="stat")               # no Δ across datasets/protocols
+        flat.columns = [f"{q} {s}" for q, s in flat.columns]
+        flat.insert(0, "label", labels(t.index))
+        put(f"table_{protocol}.csv", flat.to_csv())
+        shown = show_table(runs, protocol)
+        put(f"table_{protocol}.md", header + f"**{shown.caption}**\n\n" + to_markdown(shown.table)
+            + f"\n{shown.note}\n")
+    put("paired.csv", paired.to_csv(index=False))
+    md = header
+    for ref in ("best single model", "uniform merge"):
+        shown = show_paired(paired, ref, prov)
+        md += f"**{shown.caption}**\n\n" + to_markdown(shown.table) + f"\n{shown.note}\n\n"
+    put("paired.md", md)
+    put("fisher_costs.csv", fisher_costs(dataset, profile, seeds).to_csv(index=False))  # per model
+    return pd.DataFrame({"file": written}, index=pd.Index([f"results/{out.name}"] * len(written), name="folder"))
+
+
+def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str = "paper",
+                       mode: str = "full", metric: str = "ndcg@10") -> Captioned:
+    """One metric of every row under each training profile, read back from the runs.csv that
+    write_tables left in results/<dataset>-<profile>/ (mean ± sd over that profile's seeds), with
+    each row's rank within its profile; the difference and Kendall's tau between the orders are
+    those of the first two profiles found."""
+    dataset = dataset or make_config(profiles[0]).dataset  # one dataset for every profile
+    cols, means, found = {}, {}, []
+    for prof in profiles:
+        path = results_dir(dataset, prof) / "runs.csv"
+        if not path.is_file():
+            continue
+        df = pd.read_csv(path)
+        agg = mean_over_seeds(df, protocol, mode, metric)
+        seeds = sorted(df["seed"].unique().tolist())
+        name = f"{prof} ({'seed' if len(seeds) == 1 else 'seeds'} {seeds_text(seeds)})"
+        means[prof] = agg["mean"]
+        cols[(name, "mean")] = agg["mean"]
+        cols[(name, "sd")] = agg["std"]
+        cols[(name, "rank")] = agg["mean"].rank(ascending=False, method="min")
+        found.append(prof)
+    if len(found) < 2:
+        return Captioned(pd.DataFrame(), "Rows under several training profiles",
+                         f"needs runs.csv of at least two of the profiles {', '.join(profiles)} under "
+                         f"{results_dir(dataset, profiles[0]).parent}; found {', '.join(found) or 'none'}.")
+    t = pd.DataFrame(cols)
+    t = t.loc[row_order(t.index)]
+    a, b = means[found[0]].reindex(t.index), means[found[1]].reindex(t.index)
+    t[(f"{found[1]} − {found[0]}", "")] = b - a
+    ok = a.notna() & b.notna()
+    tau = kendalltau(a[ok], b[ok]).statistic if ok.sum() >= 3 else float("nan")
+    t.index = pd.Index(labels(t.index), name="row")
+    t.columns = pd.MultiIndex.from_tuples(t.columns)
+    label = f"{MODE_NAMES[mode]} {metric.upper()}"
+    note = (f"{protocol} protocol; rank 1 = best row of that profile; Kendall's tau between the two "
+            f"profiles' orders of the {int(ok.sum())} rows both have: {tau:+.2f}. sd is over seeds "
+            f"(empty for one seed).")
+    return Captioned(t.round(4), f"{label} of every row under each training profile", note)

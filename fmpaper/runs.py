@@ -1,0 +1,338 @@
+"""The table's rows as runs on disk: every path, the run cache, Fishers, merges and reading back.
+
+This is the one module that knows the folder layout:
+
+  runs root  $FMPAPER_RUNS, else <cache>/runs with <cache> = fmpaper.data.cache_dir()
+             (~/.cache/fmpaper: outside the work tree, so long trainings survive a fresh checkout)
+    <dataset>/<profile>/s<seed>/<row>-<hash>/        a finished run (see fmpaper.train)
+    <dataset>/<profile>/s<seed>/<row>-<hash>.partial/ a training in progress (resumable)
+    <dataset>/<profile>/s<seed>/fisher/<member>-<estimator>-<hash>.safetensors   Fisher artifacts
+  results    $FMPAPER_RESULTS, else results/ of the checkout
+    <dataset>-<profile>/runs.csv, tables, figures/, notebooks/   written by the pages
+    <dataset>-<profile>/checkpoints/<row>-s<seed>.safetensors + .json   kept trained weights
+  the paper  fmpaper/paper/table.csv (inside the package)
+
+A run is cached under a hash of what defines it (its resolved config; for combined rows the
+members' identities and the merge settings), so a finished run is never recomputed and a killed
+training resumes from `<dir>.partial`. Merged rows use the members trained with the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from . import FmpaperError
+from .config import Config, make_config
+from .data import SeqData, cache_dir
+from .evaluate import ndcg
+from .fisher import compute_fisher, load_fisher, save_fisher
+from .merge import fisher_merge, uniform_merge
+from .rows import FisherSpec, Row, get_row, rows
+from .train import finish_run, hardware, load_data, load_run, train
+
+PAPER_TABLE = Path(__file__).with_name("paper") / "table.csv"
+# paper table column of each (mode, metric) the paper reports
+PAPER_COLUMNS = {
+    ("full", "ndcg@10"): "full_ndcg10", ("full", "ndcg@20"): "full_ndcg20",
+    ("uni100", "ndcg@10"): "random_ndcg10", ("uni100", "ndcg@20"): "random_ndcg20",
+    ("pop100", "ndcg@10"): "popular_ndcg10", ("pop100", "ndcg@20"): "popular_ndcg20",
+}
+
+
+# ----------------------------------------------------------------------------- paths
+
+def repo_root() -> Path | None:
+    """The source checkout holding this package (None for an installed copy)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def runs_root() -> Path:
+    if os.environ.get("FMPAPER_RUNS"):
+        return Path(os.environ["FMPAPER_RUNS"])
+    return cache_dir() / "runs"
+
+
+def results_root() -> Path:
+    if os.environ.get("FMPAPER_RESULTS"):
+        return Path(os.environ["FMPAPER_RESULTS"])
+    return (repo_root() or Path.cwd()) / "results"
+
+
+def dataset_name(dataset: str | None, profile: str) -> str:
+    """The dataset a profile runs on (None: the profile's default), as named in paths."""
+    return Path(make_config(profile, dataset=dataset).dataset).stem
+
+
+def results_dir(dataset: str | None, profile: str) -> Path:
+    return results_root() / f"{dataset_name(dataset, profile)}-{profile}"
+
+
+def checkpoint_dir(dataset: str | None, profile: str) -> Path:
+    return results_dir(dataset, profile) / "checkpoints"
+
+
+def relative_run(path: Path) -> str:
+    """A run directory relative to the runs root (as printed and recorded)."""
+    try:
+        return str(Path(path).relative_to(runs_root()))
+    except ValueError:
+        return str(path)
+
+
+def load_paper_table() -> pd.DataFrame:
+    """The published table (ML-1M), indexed by row."""
+    if not PAPER_TABLE.is_file():
+        raise FmpaperError(f"the paper's table {PAPER_TABLE} is missing; reinstall fmpaper")
+    return pd.read_csv(PAPER_TABLE).set_index("row")
+
+
+# ----------------------------------------------------------------------------- data, once
+
+_DATA: dict = {}
+
+
+def dataset(cfg: Config) -> SeqData:
+    """The data of a config, loaded once per process (every run of a session shares it)."""
+    key = (cfg.dataset, cfg.max_len, cfg.min_count, cfg.max_users)
+    if key not in _DATA:
+        _DATA[key] = load_data(cfg)
+    return _DATA[key]
+
+
+def profile_data(dataset_: str | None, profile: str, max_users: int | None = None) -> SeqData:
+    """The data a profile trains on (max_users=0: the whole dataset, whatever the profile says)."""
+    return dataset(make_config(profile, dataset=dataset_, max_users=max_users))
+
+
+def load(run: Path):
+    """A finished run (fmpaper.train.load_run), sharing the loaded dataset."""
+    conf = Path(run) / "config.json"
+    if not conf.is_file():
+        return load_run(run)
+    return load_run(run, data=dataset(Config.from_dict(json.loads(conf.read_text()))))
+
+
+def validation_inputs(data: SeqData):
+    """Every user's validation input (the sequences the authors computed the Fisher on)."""
+    return data.inputs(data.eval_targets("valid"), torch.arange(data.n_users))
+
+
+# ----------------------------------------------------------------------------- the run cache
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def train_config(row: Row, dataset_: str | None, profile: str, seed: int, **overrides) -> Config:
+    return make_config(profile, variant=row.variant, dataset=dataset_, seed=seed,
+                       **{**dict(row.settings), **overrides})
+
+
+def identity(row: Row, dataset_, profile, seed, overrides) -> dict:
+    """What defines a run: its resolved config, and for combined rows its members' identities."""
+    if row.kind == "train":
+        return train_config(row, dataset_, profile, seed, **overrides).identity()
+    ident = {k: v for k, v in row.__dict__.items() if k not in ("name", "label", "paper", "members", "settings")}
+    ident["members"] = [identity(get_row(m), dataset_, profile, seed, overrides) for m in row.members]
+    return ident
+
+
+def run_dir(name: str, dataset_: str | None = None, profile: str = "quick", seed: int = 0,
+            root: Path | None = None, **overrides) -> Path:
+    row = get_row(name)
+    cfg = make_config(profile, dataset=dataset_, seed=seed, **overrides)
+    ident = identity(row, dataset_, profile, seed, overrides)
+    return Path(root or runs_root()) / Path(cfg.dataset).stem / profile / f"s{seed}" / f"{name}-{_hash(ident)}"
+
+
+def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed: int = 0,
+            root: Path | None = None, progress: bool = True, **overrides) -> dict:
+    """Metrics of row `name`, computing (and caching) it and whatever it needs first."""
+    row = get_row(name)
+    out = run_dir(name, dataset_, profile, seed, root, **overrides)
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    if row.kind == "train":
+        cfg = train_config(row, dataset_, profile, seed, **overrides)
+        return train(cfg, out, progress=progress, data=dataset(cfg))
+    member_dirs = []
+    for m in row.members:
+        run_row(m, dataset_, profile, seed, root, progress, **overrides)
+        member_dirs.append(run_dir(m, dataset_, profile, seed, root, **overrides))
+    return combine(row, member_dirs, out, progress)
+
+
+def fisher_path(member_dir: Path, spec: FisherSpec) -> Path:
+    key = _hash([spec.k, spec.batchwise, spec.authors])
+    return Path(member_dir).parent / "fisher" / f"{Path(member_dir).name}-{spec.estimator}-{key}.safetensors"
+
+
+def fisher_of(member_dir: Path, spec: FisherSpec, progress: bool = True, path: Path | None = None) -> tuple[dict, dict]:
+    """The Fisher of a trained run over its validation inputs: read from `path` (default: the
+    cache next to the runs) or computed and written there atomically."""
+    path = Path(path) if path is not None else fisher_path(member_dir, spec)
+    if path.exists():
+        return load_fisher(path)
+    run = load(member_dir)
+    seq, lengths, targets = validation_inputs(run.data)
+    fisher, meta = compute_fisher(run.model, seq, lengths, targets, spec.estimator, k=spec.k,
+                                  batchwise=spec.batchwise, authors=spec.authors, seed=run.cfg.seed,
+                                  progress=progress, return_meta=True)
+    meta.update(run=Path(member_dir).name, hardware=hardware())
+    save_fisher(path, fisher, meta)
+    return fisher, meta
+
+
+class Ensemble(torch.nn.Module):
+    """Scores = log of the members' mean predicted distribution (a plain output ensemble)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def encode(self, seq, lengths):
+        return torch.stack([m.encode(seq, lengths) for m in self.models], 1)   # (B, M, d)
+
+    def logits(self, h):
+        logp = torch.stack([m.logits(h[:, i]).log_softmax(-1) for i, m in enumerate(self.models)])
+        return torch.logsumexp(logp, 0) - torch.log(torch.tensor(float(len(self.models))))
+
+
+def combine(row: Row, member_dirs: list[Path], out: Path, progress: bool = True) -> dict:
+    """Compute a merge or ensemble row from its trained members into run directory `out`."""
+    metrics = {"row": row.name, "members": [d.name for d in member_dirs]}
+    if row.kind == "ensemble":
+        runs = [load(d) for d in member_dirs]
+        part = out.with_name(out.name + ".partial")
+        part.mkdir(parents=True, exist_ok=True)
+        ens = Ensemble([r.model for r in runs]).eval()
+        return finish_run(part, out, None, runs[0].data, runs[0].cfg, metrics, ranks_of=ens)
+    fishers = None
+    if row.fisher is not None:
+        computed = [fisher_of(d, row.fisher, progress=progress) for d in member_dirs]
+        fishers = [f for f, _ in computed]
+        metrics["fisher"] = [meta for _, meta in computed]
+        metrics["fisher_seconds"] = sum(meta["seconds"] for _, meta in computed)
+    return merge_runs(member_dirs, out, fishers, finetune_epochs=row.finetune_epochs, metrics=metrics,
+                      progress=progress)
+
+
+def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = None, lambdas=None,
+               floor: float = 1e-10, finetune_epochs: int = 0, metrics: dict | None = None,
+               progress: bool = True) -> dict:
+    """Merge trained runs into run directory `out`: Fisher-weighted with `fishers`, else uniform;
+    optionally fine-tuned `finetune_epochs` with CE afterwards. Evaluated like a trained run."""
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        raise FmpaperError(f"{out} already holds a finished run; choose another --out")
+    runs = [load(d) for d in member_dirs]
+    cfg, data = runs[0].cfg, runs[0].data
+    t0 = time.perf_counter()
+    states = [r.model.state_dict() for r in runs]
+    merged = uniform_merge(states) if fishers is None else fisher_merge(states, fishers, lambdas, floor)
+    metrics = dict(metrics or {}, method="uniform" if fishers is None else "fisher",
+                   lambdas=lambdas, floor=floor, merge_seconds=time.perf_counter() - t0,
+                   members=[str(Path(d).name) for d in member_dirs])
+    if finetune_epochs:
+        ft = Config.from_dict({**json.loads(cfg.to_json()), "variant": "sasrec",
+                               "epochs": finetune_epochs, "patience": finetune_epochs})
+        metrics["finetune"] = {"epochs": finetune_epochs, "objective": "sasrec (CE)"}
+        return train(ft, out, progress=progress, data=data, init=merged, extra=metrics)
+    part = out.with_name(out.name + ".partial")
+    part.mkdir(parents=True, exist_ok=True)
+    model = runs[0].model
+    model.load_state_dict(merged)
+    return finish_run(part, out, model.eval(), data, cfg, metrics)
+
+
+# ----------------------------------------------------------------------------- reading runs back
+
+def finished(dataset_, profile, seeds, names=None) -> tuple[dict, list]:
+    """({(row, seed): finished run dir}, [missing 'row' or 'row (seed s)'])."""
+    names = list(names) if names is not None else list(rows())
+    found, missing = {}, []
+    for s in seeds:
+        for name in names:
+            d = run_dir(name, dataset_, profile, s)
+            if (d / "metrics.json").is_file():
+                found[(name, s)] = d
+            else:
+                missing.append(name if len(seeds) == 1 else f"{name} (seed {s})")
+    return found, missing
+
+
+def metrics_of(run: Path) -> dict:
+    return json.loads((Path(run) / "metrics.json").read_text())
+
+
+def ranks_of(run: Path) -> dict[str, torch.Tensor]:
+    """The test rank of every user under each '<protocol>.<mode>' (ranks.safetensors)."""
+    return load_file(str(Path(run) / "ranks.safetensors"))
+
+
+def user_ndcg(run: Path, key: str, k: int = 10):
+    """Per-user NDCG@k (numpy) of a finished run under '<protocol>.<mode>'."""
+    return ndcg(ranks_of(run)[key], k).numpy()
+
+
+RUN_COLUMNS = ["row", "label", "kind", "paper", "k", "seed", "protocol", "mode", "metric", "value",
+               "valid_ndcg10", "train_seconds", "fisher_seconds", "merge_seconds", "wall_seconds",
+               "hardware", "run"]
+
+
+def collect(dataset_: str | None, profile: str, seeds: list[int], names=None) -> pd.DataFrame:
+    """Every finished run's test metrics, long (RUN_COLUMNS). Rows not run yet are left out and
+    listed in `df.attrs["missing"]`."""
+    found, missing = finished(dataset_, profile, seeds, names)
+    records = []
+    for (name, s), d in found.items():
+        m = metrics_of(d)
+        r = get_row(name)
+        secs = {k: float(m.get(f"{k}_seconds", 0.0)) for k in ("train", "fisher", "merge")}
+        base = dict(row=name, label=r.label, kind=r.kind, paper=r.paper, k=r.k,
+                    seed=s, valid_ndcg10=m.get("valid_ndcg@10"), train_seconds=secs["train"],
+                    fisher_seconds=secs["fisher"], merge_seconds=secs["merge"],
+                    wall_seconds=sum(secs.values()), hardware=m.get("hardware", "?"), run=d.name)
+        for protocol, modes in m["test"].items():
+            for mode, vals in modes.items():
+                for metric, v in vals.items():
+                    records.append(dict(base, protocol=protocol, mode=mode, metric=metric, value=float(v)))
+    df = pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
+    df.attrs.update(dataset=dataset_name(dataset_, profile), profile=profile, seeds=list(seeds), missing=missing)
+    return df
+
+
+# ----------------------------------------------------------------------------- kept checkpoints
+
+def checkpoint_files(dataset_: str | None, profile: str, name: str, seed: int) -> tuple[Path, Path]:
+    """(weights, config) of a kept checkpoint: <row>-s<seed>.safetensors and .json."""
+    stem = checkpoint_dir(dataset_, profile) / f"{name}-s{seed}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def keep_checkpoints(dataset_: str | None, profile: str, seeds: list[int]) -> list[Path]:
+    """Copy the best weights and config of every finished trained row into the results folder
+    (results/<dataset>-<profile>/checkpoints/), so a reader can verify the book without
+    retraining. Weights only (no optimizer state); each file lands whole (temporary name, then
+    rename)."""
+    found, _ = finished(dataset_, profile, seeds, [n for n, r in rows().items() if r.kind == "train"])
+    kept = []
+    for (name, seed), d in sorted(found.items()):
+        for src, dst in zip((d / "model.safetensors", d / "config.json"), checkpoint_files(dataset_, profile, name, seed)):
+            data = src.read_bytes()
+            if dst.is_file() and dst.read_bytes() == data:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+        kept.append(checkpoint_files(dataset_, profile, name, seed)[0])
+    return kept
