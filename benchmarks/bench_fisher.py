@@ -117,7 +117,7 @@ def main():
         per_k = 1000 / N
         rows.append(dict(dataset=name, estimator="exact", k="", mode="", s_per_1000=exact_sec * per_k,
                          max_rel=0.0, l2_rel=0.0))
-        modes = {"per-example": {}, "per-example autograd": dict(method="autograd"),
+        modes = {"per-example": {}, "per-example autograd": dict(gradients="autograd"),
                  "batch-wise": dict(batchwise=True)}
         runs = [("target", None, m) for m in modes]
         runs += [(e, k, m) for e in ("random", "topk", "model") for k in ks for m in modes]

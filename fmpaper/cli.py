@@ -21,6 +21,7 @@ from .runs import fisher_of, merge_runs, run_dir, run_row
 from .train import load_run, train
 from .verify import summary, verify
 
+
 def _parse_sets(pairs: list[str]) -> dict:
     """`--set key=value` overrides, typed by the Config field they name."""
     types = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -54,7 +54,7 @@ rows R_j = sqrt(w_j) a_{v_j} (k x d), W = sum_j w_j and m_u = sum_{j: v_j = u} w
   3. 2 h_c sum_j sqrt(w_j) ([v_j = u] - p_u) (R J)_j[(u, c)] for input rows u.
 The exact Fisher is the case w = p over all items (W = 1, m_u = p_u, sum_v p_v a_v = 0), where
 the eigendecomposition of C brings the k = |V| rows down to d. With the authors' temperature T
-(logits / T), a_v and h are divided by T. `method="autograd"` computes the same sums from
+(logits / T), a_v and h are divided by T. `gradients="autograd"` computes the same sums from
 explicit per-example gradients (torch.func), the reference the tests compare against.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ from safetensors.torch import load_file, save_file
 from torch.func import functional_call, jacrev, vmap
 from tqdm import tqdm
 
-from . import FmpaperError
+from . import FmpaperError, first_line
 from .merge import check_same_tensors
 
 ESTIMATORS = ("exact", "target", "random", "topk", "model", "bruteforce")
@@ -102,19 +102,19 @@ except ImportError:  # torch < 2.3: correct, only slower
 
 def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=False, authors=False,
                    batch_size=64, seed=0, progress=True, dtype=None, return_meta=False,
-                   method="closed"):
+                   gradients="closed"):
     """Diagonal Fisher of every parameter of `model` (SASRec) over sequences seq (N, L) with
     lengths (N,) and target items (N,) (targets only needed by 'target'). Returns
     {name: tensor like the parameter} on the CPU (and a meta dict with `return_meta`).
 
     k: items per sequence for random/topk/model. batch_size: sequences per step (the batch of
     the batch-wise formula; otherwise only a unit of work). dtype: compute in this dtype
-    (default: the model's). method: "closed" (rows of R J, module docstring) or "autograd"
+    (default: the model's). gradients: "closed" (rows of R J, module docstring) or "autograd"
     (explicit per-example gradients: slow, the reference). The model itself is left untouched
     (a copy is put in eval mode)."""
     n_items = _check(model, seq, lengths, targets, estimator, k, batchwise, authors, batch_size)
-    if method not in ("closed", "autograd"):
-        raise FmpaperError(f"method must be 'closed' or 'autograd', got {method!r}")
+    if gradients not in ("closed", "autograd"):
+        raise FmpaperError(f"gradients must be 'closed' or 'autograd', got {gradients!r}")
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()
     if dtype is not None:
@@ -126,7 +126,7 @@ def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=Fa
     acc = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     temperature = AUTHORS_TEMPERATURE if authors else 1.0
 
-    if estimator == "exact" and method == "closed":
+    if estimator == "exact" and gradients == "closed":
         _closed(model, seq, lengths, acc, batch_size, progress, "exact")
     elif estimator in ("exact", "bruteforce"):
         def draw(idx):  # every item, weighted by its probability
@@ -140,7 +140,7 @@ def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=Fa
                                2 if authors else 1, gen)
         if batchwise:
             _batchwise(model, seq, lengths, items, weights, temperature, acc, batch_size, progress, estimator)
-        elif method == "closed":
+        elif gradients == "closed":
             _closed(model, seq, lengths, acc, batch_size, progress, estimator, items, weights, temperature)
         else:
             _per_example(model, seq, lengths, lambda idx: (items[idx], weights[idx]), temperature,
@@ -151,7 +151,7 @@ def compute_fisher(model, seq, lengths, targets, estimator, k=None, batchwise=Fa
     if not return_meta:
         return fisher
     meta = {"estimator": estimator, "k": k, "batchwise": bool(batchwise), "authors": bool(authors),
-            "seed": seed, "batch_size": batch_size, "sequences": len(seq), "method": method,
+            "seed": seed, "batch_size": batch_size, "sequences": len(seq), "gradients": gradients,
             "seconds": round(time.perf_counter() - t0, 3), "dtype": str(next(model.parameters()).dtype)}
     return fisher, meta
 
@@ -221,11 +221,11 @@ def load_fisher(path) -> tuple[dict, dict]:
     try:
         fisher = load_file(str(path))
     except Exception as e:
-        raise FmpaperError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise FmpaperError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise FmpaperError(f"{json_path}: not readable JSON ({_first_line(e)})") from None
+        raise FmpaperError(f"{json_path}: not readable JSON ({first_line(e)})") from None
     if not isinstance(meta, dict):
         raise FmpaperError(f"{json_path}: expected a JSON object of Fisher meta data")
     for name, t in fisher.items():
@@ -514,10 +514,6 @@ def _closed_step(model, seq, lengths, acc, drawn, temperature):
 
 def _budget(device) -> int:
     return GPU_MEMORY_BYTES if device.type == "cuda" else MEMORY_BYTES
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _temp_name(path: Path) -> Path:

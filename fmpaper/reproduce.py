@@ -34,7 +34,7 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm import tqdm
 
-from . import FmpaperError
+from . import FmpaperError, first_line
 from .config import PROFILES, make_config
 from .pages.display import check_params
 from .pages.results import write_tables
@@ -64,11 +64,6 @@ def template(name: str) -> Path:
     return path
 
 
-def _first_line(text) -> str:
-    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
 def _failing_line(e) -> str:
     """The line of the cell the traceback points at (else the cell's first line)."""
     lines = str(e.source or "").splitlines()
@@ -79,7 +74,7 @@ def _failing_line(e) -> str:
             if 1 <= n <= len(lines):
                 return lines[n - 1].strip()
             break
-    return _first_line(e.source)
+    return first_line(e.source)
 
 
 def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | None = None) -> Path:
@@ -95,12 +90,12 @@ def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | No
     except PapermillExecutionError as e:
         cell = f"cell [{e.exec_count}]" if e.exec_count else f"cell #{e.cell_index}"
         raise FmpaperError(f"{what}: {cell} `{_failing_line(e)}` raised {e.ename}: "
-                           f"{_first_line(e.evalue)} (executed notebook: {out})") from None
+                           f"{first_line(e.evalue)} (executed notebook: {out})") from None
     except FmpaperError:
         raise
     except Exception as e:  # kernel died, missing kernel, bad notebook, timeout
         raise FmpaperError(f"{what}: notebook {src.name} could not run: {type(e).__name__}: "
-                           f"{_first_line(e) or 'no message'}") from None
+                           f"{first_line(e) or 'no message'}") from None
     _tidy(out, src)
     return out
 
@@ -295,7 +290,7 @@ def build_book(book_dir: Path | None = None, output: Path | None = None) -> Path
         text = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
         lines = [ln for ln in text.splitlines() if "WARNING" in ln or "ERROR" in ln or "Error" in ln] \
             or text.splitlines()[-5:] or ["no output"]
-        raise FmpaperError(f"jupyter-book build failed ({len(lines)} problem(s)); first: {_first_line(lines[0])}")
+        raise FmpaperError(f"jupyter-book build failed ({len(lines)} problem(s)); first: {first_line(lines[0])}")
     return Path(output or root) / "_build" / "html"
 
 

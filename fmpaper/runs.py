@@ -284,7 +284,7 @@ def user_ndcg(run: Path, key: str, k: int = 10):
 
 
 RUN_COLUMNS = ["row", "label", "kind", "paper", "k", "seed", "protocol", "mode", "metric", "value",
-               "valid_ndcg10", "train_seconds", "fisher_seconds", "merge_seconds", "wall_seconds",
+               "valid_ndcg10", "best_epoch", "epochs_run", "train_seconds", "fisher_seconds", "merge_seconds", "wall_seconds",
                "hardware", "run"]
 
 
@@ -298,7 +298,8 @@ def collect(dataset_: str | None, profile: str, seeds: list[int], names=None) ->
         r = get_row(name)
         secs = {k: float(m.get(f"{k}_seconds", 0.0)) for k in ("train", "fisher", "merge")}
         base = dict(row=name, label=r.label, kind=r.kind, paper=r.paper, k=r.k,
-                    seed=s, valid_ndcg10=m.get("valid_ndcg@10"), train_seconds=secs["train"],
+                    seed=s, valid_ndcg10=m.get("valid_ndcg@10"), best_epoch=m.get("best_epoch"),
+                    epochs_run=m.get("epochs_run"), train_seconds=secs["train"],
                     fisher_seconds=secs["fisher"], merge_seconds=secs["merge"],
                     wall_seconds=sum(secs.values()), hardware=m.get("hardware", "?"), run=d.name)
         for protocol, modes in m["test"].items():

@@ -16,7 +16,7 @@ from scipy.stats import wilcoxon
 
 from . import FmpaperError
 from .evaluate import MODES, PROTOCOLS
-from .rows import combined, trained
+from .rows import combined, get_row, trained
 from .runs import dataset_name, finished, metrics_of, user_ndcg
 
 
@@ -71,58 +71,141 @@ def mean_over_seeds(df: pd.DataFrame, protocol: str, mode: str, metric: str) -> 
     return sub.groupby("row")["value"].agg(["mean", "std", "count"])
 
 
+def holm(p) -> np.ndarray:
+    """Holm's step-down adjustment of p-values (family-wise error): the i-th smallest of m
+    p-values becomes max_{j <= i} min(1, (m - j + 1) p_(j)), in the input's order."""
+    p = np.asarray(p, dtype=float)
+    m = len(p)
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def hierarchical_ci(diffs: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> np.ndarray:
+    """Percentile interval of the mean of diffs (seeds x users x comparisons) when seeds and users
+    are both resampled: each resample draws S seeds with replacement and U users with
+    replacement (the same users for every seed and comparison, so pairs stay paired), and takes
+    the mean over the drawn seeds of each seed's mean over the drawn users. With one seed this
+    is the paired user bootstrap. Returns (comparisons, 2)."""
+    diffs = np.asarray(diffs, dtype=float)
+    n_seeds, n_users, n_comp = diffs.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, n_comp))
+    flat = diffs.transpose(0, 2, 1).reshape(n_seeds * n_comp, n_users)   # (S*C, U)
+    chunk = 500
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        user_w = rng.multinomial(n_users, np.full(n_users, 1 / n_users), size=b).T / n_users   # (U, b)
+        per_seed = (flat @ user_w).reshape(n_seeds, n_comp, b)          # each seed's mean over drawn users
+        if n_seeds > 1:
+            seed_w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=b) / n_seeds   # (b, S)
+        else:
+            seed_w = np.ones((b, 1))
+        means[start:start + b] = np.einsum("bs,scb->bc", seed_w, per_seed)
+    a = (1 - level) / 2
+    return np.quantile(means, [a, 1 - a], axis=0).T
+
+
+REFERENCES = ("validation-selected model", "best member on test (oracle)", "uniform merge")
+
+
 def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None, k: int = 10,
-                 n_boot: int = 2000, level: float = 0.95) -> pd.DataFrame:
-    """Per-user NDCG@k of each combined row (merges, ensemble) against (a) the best single model
-    (the trained row with the highest validation NDCG@10, chosen per seed) and (b) the uniform
-    merge, under every protocol and mode. A user's difference is averaged over seeds; the table
-    gives its mean, a paired bootstrap CI (users resampled) and the Wilcoxon signed-rank p-value."""
+                 n_boot: int = 2000, level: float = 0.95, alpha: float = 0.05) -> pd.DataFrame:
+    """Per-user NDCG@k of each combined row (merges, ensemble) against three references, under
+    every protocol and mode (corrected FULL is paper FULL: left out):
+
+    - the validation-selected model: the trained row of the paper with the best validation
+      NDCG@10, chosen per seed (what a practitioner would deploy instead of merging);
+    - the best member on test (an oracle): per seed and column, the merged member with the best
+      test mean in that column;
+    - the uniform merge.
+
+    Per comparison: the mean difference over seeds and users; a percentile interval that
+    resamples seeds and users together (`hierarchical_ci`; users only for one seed; column
+    `interval` says which); the Wilcoxon signed-rank p of the users' differences averaged over
+    seeds, and that p adjusted by Holm over every comparison of the table (`p_holm`). `verdict`
+    is "better" or "worse" when the adjusted p is below `alpha` and the interval excludes 0 on
+    that side, else "not resolved"."""
     found, _ = finished(dataset, profile, seeds)
     compared = combined() if names is None else list(names)
     singles = trained(paper_only=True)                                   # the paper's five
-    keys = [f"{pr}.{m}" for pr in PROTOCOLS for m in MODES]
-    best = {}
-    for s in seeds:
-        cands = [(metrics_of(found[(n, s)]).get("valid_ndcg@10", -1), n) for n in singles if (n, s) in found]
-        if cands:
-            best[s] = max(cands)[1]
-    refs = {"best single model": lambda s: best.get(s), "uniform merge": lambda s: "uniform"}
+    keys = [f"{pr}.{m}" for pr in PROTOCOLS for m in MODES if (pr, m) != ("corrected", "full")]
     cache = {}
 
     def per_user(run, key):
         if (run, key) not in cache:
             cache[(run, key)] = user_ndcg(run, key, k)
         return cache[(run, key)]
+    selected = {}
+    for s in seeds:
+        cands = [(metrics_of(found[(n, s)]).get("valid_ndcg@10", -1), n) for n in singles if (n, s) in found]
+        if cands:
+            selected[s] = max(cands)[1]
+
+    def reference(ref, name, s, key):
+        if ref == REFERENCES[0]:
+            return selected.get(s)
+        if ref == REFERENCES[2]:
+            return "uniform"
+        members = [m for m in get_row(name).members if (m, s) in found]
+        return max(members, key=lambda m: per_user(found[(m, s)], key).mean()) if members else None
     comparisons, diffs = [], []
     for name in compared:
-        for ref_name, ref_of in refs.items():
-            if name == "uniform" and ref_name == "uniform merge":
-                continue
-            pairs = [(found.get((name, s)), found.get((ref_of(s), s)), ref_of(s)) for s in seeds]
-            pairs = [(a, b, r) for a, b, r in pairs if a is not None and b is not None]
-            if not pairs:
+        for ref in REFERENCES:
+            if name == "uniform" and ref == REFERENCES[2]:
                 continue
             for key in keys:
-                d = np.mean([per_user(a, key) - per_user(b, key) for a, b, _ in pairs], 0)
+                pairs = [(found.get((name, s)), found.get((reference(ref, name, s, key), s)),
+                          reference(ref, name, s, key)) for s in seeds]
+                pairs = [(a, b, r) for a, b, r in pairs if a is not None and b is not None]
+                if not pairs:
+                    continue
+                d = np.stack([per_user(a, key) - per_user(b, key) for a, b, _ in pairs])   # (S, U)
                 protocol, mode = key.split(".")
-                comparisons.append(dict(row=name, reference=ref_name,
+                avg = d.mean(0)
+                comparisons.append(dict(row=name, reference=ref,
                                         reference_rows=", ".join(sorted({r for _, _, r in pairs})),
-                                        protocol=protocol, mode=mode, seeds=len(pairs), users=len(d),
-                                        mean_diff=float(d.mean()), wins=int((d > 0).sum()),
-                                        losses=int((d < 0).sum()), ties=int((d == 0).sum()),
-                                        p_wilcoxon=wilcoxon_p(d)))
+                                        protocol=protocol, mode=mode, seeds=len(pairs), users=d.shape[1],
+                                        mean_diff=float(d.mean()), interval="seeds and users" if len(pairs) > 1 else "users",
+                                        wins=int((avg > 0).sum()), losses=int((avg < 0).sum()),
+                                        ties=int((avg == 0).sum()), p_wilcoxon=wilcoxon_p(avg)))
                 diffs.append(d)
     cols = ["row", "reference", "reference_rows", "protocol", "mode", "seeds", "users", "mean_diff",
-            "ci_low", "ci_high", "wins", "losses", "ties", "p_wilcoxon"]
+            "ci_low", "ci_high", "interval", "wins", "losses", "ties", "p_wilcoxon", "p_holm", "verdict"]
     if not comparisons:
         out = pd.DataFrame(columns=cols)
     else:
-        n_users = {len(d) for d in diffs}
-        if len(n_users) != 1:
-            raise FmpaperError("runs disagree on the number of test users; were they made from the same data?")
-        ci = bootstrap_ci(np.stack(diffs, 1), n_boot, level)
+        if len({d.shape for d in diffs}) != 1:
+            raise FmpaperError("runs disagree on the number of test users or seeds; were they made from the same data?")
+        ci = hierarchical_ci(np.stack(diffs, 2), n_boot, level)
         out = pd.DataFrame(comparisons)
         out["ci_low"], out["ci_high"] = ci[:, 0], ci[:, 1]
+        out["p_holm"] = holm(out["p_wilcoxon"])
+        out["verdict"] = verdicts(out, alpha)
         out = out[cols]
-    out.attrs.update(dataset=dataset_name(dataset, profile), profile=profile, seeds=seeds, k=k, n_boot=n_boot, level=level)
+    out.attrs.update(dataset=dataset_name(dataset, profile), profile=profile, seeds=seeds, k=k, n_boot=n_boot,
+                     level=level, alpha=alpha)
+    return out
+
+
+def verdicts(paired: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """"better" / "worse" where the Holm-adjusted p is below alpha and the interval lies on that
+    side of 0; "not resolved" otherwise."""
+    sig = paired["p_holm"] < alpha
+    return ["better" if s and lo > 0 else "worse" if s and hi < 0 else "not resolved"
+            for s, lo, hi in zip(sig, paired["ci_low"], paired["ci_high"])]
+
+
+def single_model_ranks(runs: pd.DataFrame, protocol: str, mode: str, metric: str = "ndcg@10") -> pd.DataFrame:
+    """For each combined row of a `collect` frame: its mean over seeds in one column and its rank
+    among the paper's trained models plus itself (1 = above every single model)."""
+    m = mean_over_seeds(runs, protocol, mode, metric)["mean"]
+    singles = m.reindex([n for n in trained(paper_only=True) if n in m.index])
+    rows_ = [(n, float(m[n]), 1 + int((singles > m[n]).sum())) for n in combined() if n in m.index]
+    out = pd.DataFrame(rows_, columns=["row", "mean", "rank"]).set_index("row")
+    out.attrs.update(singles=len(singles))
     return out

@@ -142,8 +142,8 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
                     name, seed, metrics = fut.result()
                     bad = compare(expected, name, seed, metrics)
                     if bad:
-                        raise FmpaperError(f"mismatch: {bad[0]}" + (f" (and {len(bad) - 1} more in this run)"
-                                                                      if len(bad) > 1 else ""))
+                        more = f" (and {len(bad) - 1} more in this run)" if len(bad) > 1 else ""
+                        raise FmpaperError(f"mismatch: {bad[0]}{more}")
                     checked += int(((expected["row"] == name) & (expected["seed"] == seed)).sum())
                     done.add(t)
                     bar.set_postfix_str(f"{len(done)}/{len(tasks)} runs")

@@ -95,7 +95,7 @@ def test_sampled_closed_form_equals_per_example_autograd(estimator, k, authors):
     seq = SEQ.clone()
     seq[0, 1] = N_ITEMS + 1  # the mask token in an input, and items drawn that are also inputs
     closed = fisher(estimator, model, seq=seq, k=k, authors=authors, seed=3)
-    reference = fisher(estimator, model, seq=seq, k=k, authors=authors, seed=3, method="autograd")
+    reference = fisher(estimator, model, seq=seq, k=k, authors=authors, seed=3, gradients="autograd")
     assert_same(closed, reference)
     assert flat(closed).abs().max() > 0
 
@@ -205,7 +205,7 @@ def test_dtype_argument_and_model_left_untouched():
     dict(estimator="random"), dict(estimator="exact", k=3), dict(estimator="fisherish"),
     dict(estimator="random", k=3, authors=True), dict(estimator="exact", batchwise=True),
     dict(estimator="bruteforce", batchwise=True), dict(estimator="target", batch_size=0),
-    dict(estimator="exact", method="numeric"),
+    dict(estimator="exact", gradients="numeric"),
 ])
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(FmpaperError):

@@ -230,7 +230,8 @@ def test_results_page_tables_match_runs(pages, smoke_table, results_env):
                     assert abs(table.loc[row, f"{name} NDCG@{k} ours"] - test[mode][f"ndcg@{k}"]) <= 1e-9
         assert table.loc["baseline", "FULL NDCG@10 paper"] > 0  # the paper's column is there
     paired = pd.read_csv(folder / "paired.csv")
-    assert set(paired["reference"]) == {"best single model", "uniform merge"}
+    assert set(paired["reference"]) == {"validation-selected model", "best member on test (oracle)", "uniform merge"}
+    assert paired["p_holm"].between(0, 1).all() and (paired["p_holm"] >= paired["p_wilcoxon"] - 1e-15).all()
     assert ((paired["ci_low"] <= paired["mean_diff"] + 1e-12) & (paired["mean_diff"] <= paired["ci_high"] + 1e-12)).all()
     assert paired["p_wilcoxon"].between(0, 1).all()
 
@@ -321,3 +322,16 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
 
 def fm_cli(*args):
     return subprocess.run([sys.executable, "-m", "fmpaper", *args], capture_output=True, text=True)
+
+
+def test_oracle_reference_is_the_best_member_on_test(smoke_table):
+    from fmpaper.runs import user_ndcg
+    from fmpaper.stats import paired_tests
+    paired = paired_tests("ml-100k", "smoke", [0], names=["fisher_exact"], n_boot=50)
+    oracle = paired[paired["reference"] == "best member on test (oracle)"]
+    assert len(oracle) == 5                                              # FULL + 4 sampled columns
+    for _, r in oracle.iterrows():
+        key = f"{r['protocol']}.{r['mode']}"
+        means = {m: user_ndcg(smoke_table[m], key).mean() for m in rows()["fisher_exact"].members}
+        assert r["reference_rows"] == max(means, key=means.get)
+        assert r["mean_diff"] == pytest.approx(user_ndcg(smoke_table["fisher_exact"], key).mean() - max(means.values()))

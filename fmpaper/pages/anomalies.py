@@ -22,7 +22,7 @@ from scipy.stats import kendalltau
 
 from ..evaluate import evaluate
 from ..rows import fisher_merges, get_row, labels, rows
-from ..runs import finished, load, load_paper_table, profile_data, run_dir, user_ndcg
+from ..runs import load, load_paper_table, profile_data, run_dir
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds
 from .display import MODE_NAMES, Captioned, Text, check_params, runs_table, seeds_text
 
@@ -53,16 +53,45 @@ def paper_vs_chance(users: int = ML1M_USERS) -> Captioned:
     return Captioned(out, "The paper's sampled columns against a random ranking", note)
 
 
-def chance_summary(users: int = ML1M_USERS) -> Text:
+def chance_z(users: int = ML1M_USERS) -> pd.DataFrame:
+    """Each sampled value of the paper's table as standard errors above chance (rows x columns)."""
     paper = load_paper_table()
+    return pd.DataFrame({col: (paper[col] - chance_ndcg(CANDIDATES, k)) / (chance_sd(CANDIDATES, k) / math.sqrt(users))
+                         for col, (_, k) in SAMPLED_COLUMNS.items()})
+
+
+def chance_summary(users: int = ML1M_USERS) -> Text:
+    """How many rows of the paper sit at chance in each sampled mode, and how far the others are."""
+    z = chance_z(users)
     parts = []
-    for mode, cols in (("POPULAR", ("popular_ndcg10", "popular_ndcg20")), ("RANDOM", ("random_ndcg10", "random_ndcg20"))):
-        z = np.array([[(paper[c] - chance_ndcg(k=k)) / (chance_sd(k=k) / math.sqrt(users))]
-                      for c, k in ((cols[0], 10), (cols[1], 20))]).reshape(2, -1)
-        near = (np.abs(z) < 3).all(0)
-        parts.append(f"{mode}: {int(near.sum())} of {len(paper)} rows have both NDCG@10 and NDCG@20 within "
-                     f"3 standard errors of chance ({', '.join(paper.index[near]) or 'none'})")
-    return Text("In the paper's table, " + "; ".join(parts) + ".")
+    for mode in ("popular", "random"):
+        both = z[[f"{mode}_ndcg10", f"{mode}_ndcg20"]]
+        near = (both.abs() < 3).all(1)
+        above = (both > 3).all(1)
+        text = (f"{mode.upper()}: {int(near.sum())} of {len(z)} rows have both NDCG@10 and NDCG@20 within 3 "
+                f"standard errors of chance")
+        if len(z) / 2 < near.sum() < len(z):
+            text += f" (all but {', '.join(labels(z.index[~near]))})"
+        if above.any():
+            text += (f"; {int(above.sum())} lie far above it (z from {both[above].min().min():+.0f} to "
+                     f"{both[above].max().max():+.0f})")
+        parts.append(text)
+    cl = z.loc["cl4srec"]
+    return Text("In the paper's table, " + "; ".join(parts) + f". CL4SRec's RANDOM values lie at z = "
+                f"{cl['random_ndcg10']:+.1f} (NDCG@10) and {cl['random_ndcg20']:+.1f} (NDCG@20): one above "
+                f"chance, one below it. z = (paper - chance) / (per-user sd of a random ranking / sqrt({users})).")
+
+
+def cl4srec_random_pair(users: int = ML1M_USERS) -> Text:
+    """Why the paper's CL4SRec RANDOM pair cannot come from one evaluation."""
+    paper, z = load_paper_table(), chance_z(users).loc["cl4srec"]
+    r10, r20, full = (float(paper.loc["cl4srec", c]) for c in ("random_ndcg10", "random_ndcg20", "full_ndcg10"))
+    return Text(f"The paper's CL4SRec RANDOM pair ({r10:.4f}, {r20:.4f}) is not sampler noise: its NDCG@20 lies "
+                f"{abs(z['random_ndcg20']):.1f} standard errors {'below' if z['random_ndcg20'] < 0 else 'above'} "
+                f"chance while its NDCG@10 lies {abs(z['random_ndcg10']):.1f} "
+                f"{'below' if z['random_ndcg10'] < 0 else 'above'}, and NDCG@20 below NDCG@10 is impossible for "
+                f"one ranking. Its RANDOM NDCG@10 is also below its own FULL NDCG@10 ({full:.4f}), although a "
+                f"target can only rank better among a subset of the items than among all of them.")
 
 
 def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4srec"),
@@ -118,40 +147,41 @@ def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captio
     return Captioned(t.round(4), "Order of the sampling schemes and of k (NDCG@10)", note)
 
 
-def ordering_summary(dataset=None, profile="quick", seeds=1, users: int = ML1M_USERS) -> Text:
-    """How far apart the paper's Fisher rows are, against the noise of one evaluation, and
-    whether larger k helps in the paper and in our runs."""
+def ordering_summary(dataset=None, profile="quick", seeds=1) -> Text:
+    """How far apart the ten sampled Fisher rows are, in the paper and in our runs, against the
+    spread of one row between our training seeds (the noise of one unseeded run, measured like
+    for like on our data); and whether larger k helps."""
     paper = load_paper_table()
     df = runs_table(dataset, profile, seeds)
     if df.empty:
-        return Text("Not enough finished runs (or no paper table) to compare orders.")
+        return Text("No finished runs to compare orders with.")
     names = _sampled_rows()
-    full = df[(df["protocol"] == "paper") & (df["mode"] == "full") & (df["metric"] == "ndcg@10")]
-    spread = float(paper.loc[names, "full_ndcg10"].max() - paper.loc[names, "full_ndcg10"].min())
-    # per-user sd of FULL NDCG@10 in our merged runs -> standard error of one evaluation on ML-1M
-    found, _ = finished(dataset or None, profile, check_params(seeds=seeds)["seeds"], names)
-    sds = [float(np.std(user_ndcg(d, "paper.full", 10))) for d in found.values()]
-    se = float(np.mean(sds)) / math.sqrt(users) if sds else float("nan")
-    ours = full.groupby("row")["value"].mean()
+    full = mean_over_seeds(df, "paper", "full", "ndcg@10").reindex(names)
+    spread_paper = float(paper.loc[names, "full_ndcg10"].max() - paper.loc[names, "full_ndcg10"].min())
+    spread_ours = float(full["mean"].max() - full["mean"].min())
+    seed_sd = float(full["std"].mean())
+    p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     grow = []
     for scheme in SCHEMES:
         ks = [n for n in names if get_row(n).estimator == scheme]
-        pk = [float(paper.loc[n, "full_ndcg10"]) for n in ks]
-        ok = [float(ours.get(n, np.nan)) for n in ks]
+
         def trend(v):
             if any(math.isnan(x) for x in v):
                 return "not run"
-            return "rises with k" if v[0] < v[1] < v[2] else "falls with k" if v[0] > v[1] > v[2] else "is not monotone in k"
-        grow.append(f"{scheme}: paper {trend(pk)}, ours {trend(ok)}")
-    return Text(f"The ten sampled Fisher rows of the paper span {spread:.4f} in FULL NDCG@10. A single "
-                f"evaluation over ML-1M's {users} users has a standard error of about {se:.4f} (per-user sd "
-                f"of FULL NDCG@10 in our merged runs, {np.mean(sds):.3f}, over sqrt({users}); models with the "
-                f"paper's higher NDCG vary more per user, so this underestimates it), so the paper's "
-                f"whole range is about {spread / se:.1f} standard errors of one unseeded run"
-                + (", and its order of schemes and k is not resolved by a single seed. " if spread / se < 3 else
-                   ". ")
-                + "FULL NDCG@10 against k: "
-                + "; ".join(grow) + ".")
+            return ("rises with k" if v[0] < v[1] < v[2] else "falls with k" if v[0] > v[1] > v[2]
+                    else "is not monotone in k")
+        grow.append(f"{scheme}: paper {trend([float(paper.loc[n, 'full_ndcg10']) for n in ks])}, "
+                    f"ours {trend([float(full['mean'].get(n, np.nan)) for n in ks])}")
+    text = (f"The ten sampled Fisher rows of the paper span {spread_paper:.4f} in FULL NDCG@10 (ML-1M, one "
+            f"unseeded run each); ours span {spread_ours:.4f} ({p['dataset']}, profile {profile}, mean over "
+            f"seeds {seeds_text(p['seeds'])}). ")
+    if len(p["seeds"]) > 1 and np.isfinite(seed_sd):
+        text += (f"One of our rows moves by {seed_sd:.4f} (sd over training seeds, mean over the ten rows) from "
+                 f"one seed to the next, so a single run per row resolves differences between rows only when "
+                 f"they are several times that; our rows' whole range is {spread_ours / seed_sd:.1f} such sds. ")
+    else:
+        text += "With one seed, the spread between training seeds is not measured here. "
+    return Text(text + "FULL NDCG@10 against k: " + "; ".join(grow) + ".")
 
 
 def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:

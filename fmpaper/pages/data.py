@@ -10,8 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..config import make_config
-from ..data import load
-from ..runs import dataset_name, results_dir
+from ..runs import dataset_name, profile_data, results_dir
 from ..train import hardware
 from .display import PALETTE, check_params, empty, figure, log_ticks, style
 
@@ -21,10 +20,9 @@ def data_summary(dataset=None, profile="quick") -> pd.DataFrame:
     after the 5-core filter, and the profile's subset when it keeps fewer users."""
     p = check_params(dataset=dataset, profile=profile)
     cfg = make_config(profile, dataset=dataset or None)
-    sets = {f"{p['dataset']} after {cfg.min_count}-core": load(cfg.dataset, cfg.max_len, cfg.min_count, 0)}
+    sets = {f"{p['dataset']} after {cfg.min_count}-core": profile_data(dataset or None, profile, max_users=0)}
     if cfg.max_users:
-        sets[f"profile {profile} (first {cfg.max_users} users)"] = load(cfg.dataset, cfg.max_len, cfg.min_count,
-                                                                         cfg.max_users)
+        sets[f"profile {profile} (first {cfg.max_users} users)"] = profile_data(dataset or None, profile)
     rows = {}
     for name, d in sets.items():
         n = d.offsets.diff().double()
@@ -45,9 +43,9 @@ def sequence_lengths(dataset=None, profile="quick") -> pd.DataFrame:
     and items' interaction counts in attrs["item_counts"]."""
     check_params(dataset=dataset, profile=profile)
     cfg = make_config(profile, dataset=dataset or None)
-    sets = {"all users": load(cfg.dataset, cfg.max_len, cfg.min_count, 0)}
+    sets = {"all users": profile_data(dataset or None, profile, max_users=0)}
     if cfg.max_users:
-        sets[f"profile {profile}"] = load(cfg.dataset, cfg.max_len, cfg.min_count, cfg.max_users)
+        sets[f"profile {profile}"] = profile_data(dataset or None, profile)
     frames = [pd.DataFrame({"set": name, "user": np.arange(d.n_users), "length": d.offsets.diff().numpy()})
               for name, d in sets.items()]
     out = pd.concat(frames, ignore_index=True)

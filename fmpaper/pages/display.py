@@ -184,7 +184,7 @@ class Stamp:
     seconds: float
 
     def text(self) -> str:
-            return (f"Notebook executed {self.started:%Y-%m-%d %H:%M:%S} UTC in {self.seconds:.1f} s "
+        return (f"Notebook executed {self.started:%Y-%m-%d %H:%M:%S} UTC in {self.seconds:.1f} s "
                 f"on {hardware()} (fmpaper {__version__}, torch {torch.__version__}, "
                 f"Python {platform.python_version()})")
 

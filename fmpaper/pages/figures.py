@@ -12,24 +12,22 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from ..fisher import probability_mass_topk
+from ..fisher import ESTIMATORS, probability_mass_topk
 from ..merge import fisher_weight_shares
 from ..rows import ESTIMATOR_NAMES, FisherSpec, fisher_merges, get_row, labels, row_order, trained
-from ..runs import PAPER_COLUMNS, finished, load_paper_table, fisher_of, load, metrics_of, profile_data, run_dir, validation_inputs
-from .display import ESTIMATOR_COLORS, ESTIMATOR_MARKERS, MODE_NAMES, PALETTE, check_params, empty, figure, log_ticks, style
+from ..runs import (PAPER_COLUMNS, finished, fisher_of, load, load_paper_table, metrics_of, profile_data, run_dir,
+                    validation_inputs)
+from .display import (ESTIMATOR_COLORS, ESTIMATOR_MARKERS, MODE_NAMES, PALETTE, check_params, empty, figure, log_ticks,
+                      style)
 
+# The poster's reference values (ML-1M, on a GPU; read off the poster's figures, so approximate)
 POSTER_TOPK_MASS = {10: 0.381, 30: 0.569, 50: 0.658}
-
-
 POSTER_FISHER_MINUTES = {  # (estimator, k) -> minutes; approximate, read off an image
     ("target", 1): 0.8,
     ("random", 10): 5.5, ("random", 30): 15.0, ("random", 50): 25.0,
     ("topk", 10): 9.0, ("topk", 30): 25.0, ("topk", 50): 41.5,
     ("model", 10): 4.7, ("model", 30): 12.8, ("model", 50): 20.8,
 }
-
-
-_ESTIMATOR_ORDER = ("exact", "target", "random", "topk", "model")
 
 
 def fisher_costs(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
@@ -54,7 +52,7 @@ def summarize_costs(costs: pd.DataFrame) -> pd.DataFrame:
     if costs.empty:
         return pd.DataFrame()
     c = costs.assign(k=[("all items" if e == "exact" else str(int(k))) for e, k in zip(costs["estimator"], costs["k"])],
-                     order=[(_ESTIMATOR_ORDER.index(e) if e in _ESTIMATOR_ORDER else 99) for e in costs["estimator"]],
+                     order=[(ESTIMATORS.index(e) if e in ESTIMATORS else 99) for e in costs["estimator"]],
                      kn=costs["k"].fillna(0))
     t = c.groupby(["order", "estimator", "kn", "k"])["seconds"].agg(["mean", "std", "count"]).round(3)
     t = t.droplevel(["order", "kn"])
@@ -103,7 +101,7 @@ def fisher_errors(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataF
 def summarize_errors(err: pd.DataFrame) -> pd.DataFrame:
     if err.empty:
         return pd.DataFrame()
-    e = err.assign(order=[(_ESTIMATOR_ORDER.index(x) if x in _ESTIMATOR_ORDER else 99) for x in err["estimator"]])
+    e = err.assign(order=[(ESTIMATORS.index(x) if x in ESTIMATORS else 99) for x in err["estimator"]])
     g = e.groupby(["order", "estimator", "k"])
     t = g[["relative_error", "scale_free_error", "seconds"]].mean()
     t["cost / exact cost"] = t["seconds"] / g["exact_seconds"].mean()

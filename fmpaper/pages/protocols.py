@@ -12,6 +12,7 @@ from ..rows import labels, row_order
 from ..runs import finished, profile_data, ranks_of
 from .display import MODE_NAMES, Text, check_params, seeds_text
 
+
 def sampler_diagnostics(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
     """What the 100 negatives of each protocol and mode hold, averaged over users and seeds: distinct
     items, copies of the target, items of the user's own sequence, users whose negatives include

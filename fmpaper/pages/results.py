@@ -13,7 +13,7 @@ from ..config import make_config
 from ..evaluate import PROTOCOLS
 from ..rows import labels, row_order
 from ..runs import PAPER_COLUMNS, collect, load_paper_table, results_dir
-from ..stats import mean_over_seeds, paired_tests
+from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
 from .display import MODE_NAMES, Captioned, Provenance, check_params, provenance, seeds_text, to_markdown
 from .figures import fisher_costs
 
@@ -87,47 +87,93 @@ def show_table(df: pd.DataFrame, protocol: str) -> Captioned:
     return Captioned(shown, f"NDCG under the {protocol} protocol · {provenance(df).short}", note)
 
 
+def column_name(protocol: str, mode: str) -> str:
+    return "FULL" if mode == "full" else f"{protocol} {MODE_NAMES[mode]}"
+
+
+def interval_text(paired: pd.DataFrame) -> str:
+    """How the table's intervals and p-values were made, in one sentence."""
+    a = paired.attrs
+    kinds = sorted(set(paired["interval"])) if len(paired) else []
+    how = ("seeds and users resampled together" if kinds == ["seeds and users"] else
+           "users resampled" if kinds == ["users"] else "seeds and users, or users alone for one seed")
+    return (f"{a.get('level', 0.95):.0%} percentile bootstrap interval ({how}, {a.get('n_boot')} resamples); "
+            f"two-sided Wilcoxon signed-rank p of the users' differences averaged over seeds, and that p "
+            f"adjusted by Holm over all {len(paired)} comparisons of the paired tables")
+
+
 def show_paired(paired: pd.DataFrame, reference: str, prov: Provenance | None = None) -> Captioned:
-    """One reference's comparisons as 'mean diff [CI] p' strings: rows x protocol/mode."""
+    """One reference's comparisons as 'mean diff [interval] p / Holm p' strings: rows x columns."""
     sub = paired[paired["reference"] == reference]
-    k, level = paired.attrs.get("k", 10), paired.attrs.get("level", 0.95)
+    k = paired.attrs.get("k", 10)
     cells = {}
     for _, r in sub.iterrows():
-        col = "FULL (both protocols)" if r["mode"] == "full" else f"{r['protocol']} {MODE_NAMES[r['mode']]}"
-        if r["mode"] == "full" and r["protocol"] == "corrected":
-            continue  # FULL ranks every item: the same under both protocols
-        cells.setdefault(r["row"], {})[col] = (f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
-                                               f"p={r['p_wilcoxon']:.2g}")
+        cells.setdefault(r["row"], {})[column_name(r["protocol"], r["mode"])] = (
+            f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+            f"p={r['p_wilcoxon']:.2g} / Holm {r['p_holm']:.2g}")
     order = row_order(cells)
     t = pd.DataFrame([cells[n] for n in order], index=pd.Index(labels(order), name="row"))
     refs = ", ".join(sorted(set(", ".join(sub["reference_rows"]).split(", ")))) if len(sub) else "none"
     who = prov.short if prov is not None else (
         f"{paired.attrs.get('dataset')} · profile {paired.attrs.get('profile')} · "
         f"seeds {seeds_text(paired.attrs.get('seeds', []))}")
-    note = (f"Per-user NDCG@{k} of the row minus that of the {reference} ({refs}); mean over users "
-            f"[{level:.0%} paired bootstrap CI, {paired.attrs.get('n_boot')} resamples] and two-sided "
-            f"Wilcoxon signed-rank p (no correction for multiple comparisons).")
+    note = (f"Per-user NDCG@{k} of the row minus that of the {reference} ({refs}); mean over seeds and "
+            f"users [{interval_text(paired)}].")
     return Captioned(t, f"Paired comparison against the {reference} · {who}", note)
 
 
+VERDICT_COLUMNS = (("paper", "full"), ("corrected", "uni100"), ("corrected", "pop100"))
+
+
 def verdict(paired: pd.DataFrame) -> Captioned:
-    """Which combined rows beat each reference, which lose to it and which are not resolved (the
-    bootstrap CI of the mean per-user difference above 0, below 0, or across 0), in FULL and in
-    the corrected sampled modes."""
+    """Which combined rows beat each reference, which lose to it and which are not resolved, in
+    FULL and in the corrected sampled modes: rows x (reference, column), each cell "better",
+    "worse" or "–" (not resolved). The words follow the Holm-adjusted p-values (stats.verdicts)."""
     a = paired.attrs
-    recs = {}
-    for ref in ("best single model", "uniform merge"):
-        sub = paired[(paired["reference"] == ref) & ((paired["mode"] == "full") & (paired["protocol"] == "paper")
-                                                    | (paired["protocol"] == "corrected") & (paired["mode"] != "full"))]
-        for mode, g in sub.groupby("mode", sort=False):
-            up, down = g["ci_low"] > 0, g["ci_high"] < 0
-            recs[(ref, MODE_NAMES[mode] + ("" if mode == "full" else " (corrected)"))] = {
-                what: ", ".join(g.loc[mask, "row"]) or "none"
-                for what, mask in (("better", up), ("worse", down), ("not resolved", ~up & ~down))}
-    t = pd.DataFrame(recs).T if recs else pd.DataFrame(columns=["better", "worse", "not resolved"])
-    note = (f"Per-user NDCG@{a.get('k', 10)}, {a.get('level', 0.95):.0%} paired bootstrap intervals of the mean "
-            f"difference; {a.get('dataset')}, profile {a.get('profile')}, seeds {seeds_text(a.get('seeds', []))}.")
+    short = {REFERENCES[0]: "vs validation-selected", REFERENCES[1]: "vs best member (oracle)",
+             REFERENCES[2]: "vs uniform merge"}
+    cells = {}
+    for ref in REFERENCES:
+        for protocol, mode in VERDICT_COLUMNS:
+            g = paired[(paired["reference"] == ref) & (paired["protocol"] == protocol) & (paired["mode"] == mode)]
+            for _, r in g.iterrows():
+                word = r["verdict"] if r["verdict"] != "not resolved" else "–"
+                cells.setdefault(r["row"], {})[(short[ref], column_name(protocol, mode))] = word
+    order = row_order(cells)
+    t = pd.DataFrame([cells[n] for n in order], index=pd.Index(labels(order), name="row"))
+    if len(t.columns):
+        t.columns = pd.MultiIndex.from_tuples(t.columns)
+    t = t.fillna("")
+    note = (f"Per-user NDCG@{a.get('k', 10)}; better/worse: Holm-adjusted p below {a.get('alpha', 0.05)} and the "
+            f"interval on that side of 0, – not resolved ({interval_text(paired)}); {a.get('dataset')}, profile "
+            f"{a.get('profile')}, seeds {seeds_text(a.get('seeds', []))}.")
     return Captioned(t, "Which differences survive", note)
+
+
+def standing(runs: pd.DataFrame, paired: pd.DataFrame) -> Captioned:
+    """Each combined row against the single models, per column: its mean, the difference to the
+    validation-selected model and to the best member on test (an oracle), and its rank among the
+    paper's trained models (1 = above all of them)."""
+    cols = {}
+    for protocol, mode in VERDICT_COLUMNS:
+        c = column_name(protocol, mode)
+        ranks = single_model_ranks(runs, protocol, mode, f"ndcg@{paired.attrs.get('k', 10)}")
+        cols[(c, "mean")] = ranks["mean"]
+        for ref, short in ((REFERENCES[0], "Δ validation-selected"), (REFERENCES[1], "Δ best member (oracle)")):
+            g = paired[(paired["reference"] == ref) & (paired["protocol"] == protocol) & (paired["mode"] == mode)]
+            cols[(c, short)] = g.set_index("row")["mean_diff"]
+        cols[(c, f"rank of {ranks.attrs['singles'] + 1}")] = ranks["rank"]
+    t = pd.DataFrame(cols)
+    if t.empty:
+        return Captioned(t, "Merges against the single models", "no finished combined row")
+    t = t.loc[row_order(t.index)]
+    t.index = pd.Index(labels(t.index), name="row")
+    t.columns = pd.MultiIndex.from_tuples(t.columns)
+    note = (f"NDCG@{paired.attrs.get('k', 10)}, mean over seeds {seeds_text(paired.attrs.get('seeds', []))}; "
+            f"the validation-selected model is the trained row with the best validation NDCG@10 of each seed; "
+            f"the oracle is, per seed and column, the merged member that scores best on test; rank 1 = above "
+            f"every one of the paper's trained models.")
+    return Captioned(t.round(4), "Merges against the single models", note)
 
 
 def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | None = None,
@@ -160,12 +206,34 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
             + f"\n{shown.note}\n")
     put("paired.csv", paired.to_csv(index=False))
     md = header
-    for ref in ("best single model", "uniform merge"):
+    for ref in REFERENCES:
         shown = show_paired(paired, ref, prov)
         md += f"**{shown.caption}**\n\n" + to_markdown(shown.table) + f"\n{shown.note}\n\n"
     put("paired.md", md)
     put("fisher_costs.csv", fisher_costs(dataset, profile, seeds).to_csv(index=False))  # per model
     return pd.DataFrame({"file": written}, index=pd.Index([f"results/{out.name}"] * len(written), name="folder"))
+
+
+def training_lengths(runs: pd.DataFrame) -> Captioned:
+    """Each trained row's best epoch (by validation NDCG@10) and epochs run, per seed: whether
+    the models had peaked or were still improving when training stopped."""
+    t = runs[runs["kind"] == "train"].drop_duplicates(["row", "seed"])
+    if t.empty:
+        return Captioned(pd.DataFrame(), "Training length of the trained rows", "no finished trained row")
+    seeds = sorted(t["seed"].unique())
+    out = {}
+    for name, g in t.groupby("row"):
+        g = g.set_index("seed")
+        out[name] = {f"seed {s}": (f"{int(g.loc[s, 'best_epoch'])} of {int(g.loc[s, 'epochs_run'])}"
+                                   if s in g.index and pd.notna(g.loc[s, "best_epoch"]) else "–") for s in seeds}
+        last = sum(int(g.loc[s, "best_epoch"] == g.loc[s, "epochs_run"]) for s in g.index
+                   if pd.notna(g.loc[s, "best_epoch"]))
+        out[name]["best at the last epoch"] = f"{last} of {len(g)} seeds"
+    order = row_order(out)
+    table = pd.DataFrame([out[n] for n in order], index=pd.Index(labels(order), name="row"))
+    note = ("best epoch (highest validation NDCG@10, the weights kept) of epochs run; a model whose best "
+            "epoch is its last was still improving when training stopped.")
+    return Captioned(table, f"Training length of the trained rows · {provenance(runs).short}", note)
 
 
 def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str = "paper",
