@@ -166,7 +166,8 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, pr
     plan = _row_plan(names, seeds)
     folder = results_dir(dataset, profile) / "notebooks"
     # the bar advances by each row's expected cost (row_cost), so its remaining time is fair
-    bar = tqdm(total=round(sum(row_cost(t[1]) for t in plan), 1), desc="rows (work units)",
+    # in hundredths of a SASRec training, as integers, so the updates add up to the total exactly
+    bar = tqdm(total=sum(round(100 * row_cost(t[1])) for t in plan), desc="rows (work units)",
                disable=not progress, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
     n_done = 0
 
@@ -174,7 +175,7 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, pr
         nonlocal n_done
         n_done += 1
         bar.set_postfix_str(f"{n_done}/{len(plan)} rows, last {task[1]} s{task[0]}")
-        bar.update(row_cost(task[1]))
+        bar.update(round(100 * row_cost(task[1])))
     if jobs == 1:
         done = []
         for task in plan:

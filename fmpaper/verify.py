@@ -113,9 +113,10 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
     tasks = [("train" if kind == "train" else "combine", row, int(seed)) for row, kind, seed in pairs]
     for _, row, _ in tasks:
         get_row(row)  # a row runs.csv names must still exist
-    cost = {t: EVAL_COST if t[0] == "train" else (row_cost(t[1]) if get_row(t[1]).fisher else COMBINE_COST / 10)
-            for t in tasks}
-    bar = tqdm(total=round(sum(cost.values()), 2), desc=f"verify {dataset_name(dataset_, profile)}-{profile}",
+    # in hundredths of a SASRec training (reproduce's units), as integers
+    cost = {t: round(100 * (EVAL_COST if t[0] == "train" else row_cost(t[1]) if get_row(t[1]).fisher
+                            else COMBINE_COST / 10)) for t in tasks}
+    bar = tqdm(total=sum(cost.values()), desc=f"verify {dataset_name(dataset_, profile)}-{profile}",
                disable=not progress, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     done, checked = set(), 0
