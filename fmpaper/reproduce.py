@@ -101,7 +101,8 @@ def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | No
 
 
 def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
-    """Record the template and the executed copy relative to the checkout, not as local paths."""
+    """Record the template and the executed copy relative to the checkout, not as local paths,
+    and fold the cell papermill injects with the parameters (the page shows results first)."""
     root = _root()
 
     def rel(p):
@@ -110,11 +111,15 @@ def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
         except ValueError:
             return Path(p).name
     nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-cell"]
     meta = nb.metadata.get("papermill")
     if meta is not None:
         meta["input_path"] = rel(src)
         meta["output_path"] = rel(final or path)
-        nbformat.write(nb, str(path))
+    nbformat.write(nb, str(path))
 
 
 # relative cost of training each variant (benchmarks/results_train.json, per step vs sasrec):

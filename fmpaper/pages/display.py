@@ -116,6 +116,19 @@ class Captioned:
         return f"{self.caption}\n{self.table.to_string(na_rep='-')}" + (f"\n{self.note}" if self.note else "")
 
 
+class Tables:
+    """Several captioned tables shown one after the other (a notebook cell shows one object)."""
+
+    def __init__(self, items: list[Captioned]):
+        self.items = list(items)
+
+    def _repr_html_(self) -> str:
+        return "".join(t._repr_html_() for t in self.items)
+
+    def __repr__(self) -> str:
+        return "\n\n".join(repr(t) for t in self.items)
+
+
 @dataclass
 class Provenance:
     """Where the numbers come from: dataset, profile, seeds, hardware and the runs' wall time."""

@@ -14,7 +14,7 @@ from ..evaluate import PROTOCOLS
 from ..rows import labels, row_order
 from ..runs import PAPER_COLUMNS, collect, load_paper_table, results_dir
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
-from .display import MODE_NAMES, Captioned, Provenance, check_params, provenance, seeds_text, to_markdown
+from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, provenance, seeds_text, to_markdown
 from .figures import fisher_costs
 
 
@@ -71,12 +71,13 @@ PAPER_DATASET = "ml-1m"     # the dataset of the published table
 PAPER_PROTOCOL = "paper"    # the protocol its numbers were computed under
 
 
-def show_table(df: pd.DataFrame, protocol: str) -> Captioned:
-    """The side-by-side table of one protocol, captioned with its provenance. A difference to the
-    paper is shown only like for like: our runs on the paper's dataset under its protocol."""
+def show_table(df: pd.DataFrame, protocol: str) -> Tables:
+    """The side-by-side tables of one protocol, one per mode (FULL, RANDOM, POPULAR), captioned
+    with their provenance. A difference to the paper is shown only like for like: our runs on the
+    paper's dataset under its protocol."""
     t = side_by_side(df, protocol, load_paper_table())
     same = df.attrs.get("dataset") == PAPER_DATASET and protocol == PAPER_PROTOCOL
-    shown = format_side_by_side(t, paper="paper" if same else "paper (ML-1M, authors' protocol)", delta=same)
+    shown = format_side_by_side(t, paper="paper" if same else "paper (ML-1M)", delta=same)
     seeds = df.attrs.get("seeds", [])
     if same:
         src = "paper: the published table (ML-1M, one run per row); Δ = ours − paper"
@@ -84,7 +85,12 @@ def show_table(df: pd.DataFrame, protocol: str) -> Captioned:
         src = (f"paper: the published table, for reference only: it is ML-1M under the authors' protocol, "
                f"ours is {df.attrs.get('dataset')} under the {protocol} protocol, so no difference is taken")
     note = f"{src}; ours: mean±sd over {len(seeds)} seed(s); † marks reference rows the paper does not have."
-    return Captioned(shown, f"NDCG under the {protocol} protocol · {provenance(df).short}", note)
+    tables = []
+    for mode in ("FULL", "RANDOM", "POPULAR"):
+        part = shown[[q for q in shown.columns if q[0].startswith(mode + " ")]]
+        part.columns = pd.MultiIndex.from_tuples([(q.removeprefix(mode + " "), stat) for q, stat in part.columns])
+        tables.append(Captioned(part, f"{mode} under the {protocol} protocol · {provenance(df).short}", note))
+    return Tables(tables)
 
 
 def column_name(protocol: str, mode: str) -> str:
@@ -201,9 +207,8 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
         flat.columns = [f"{q} {s}" for q, s in flat.columns]
         flat.insert(0, "label", labels(t.index))
         put(f"table_{protocol}.csv", flat.to_csv())
-        shown = show_table(runs, protocol)
-        put(f"table_{protocol}.md", header + f"**{shown.caption}**\n\n" + to_markdown(shown.table)
-            + f"\n{shown.note}\n")
+        put(f"table_{protocol}.md", header + "".join(f"**{c.caption}**\n\n" + to_markdown(c.table) + f"\n{c.note}\n\n"
+                                                     for c in show_table(runs, protocol).items))
     put("paired.csv", paired.to_csv(index=False))
     md = header
     for ref in REFERENCES:
