@@ -15,6 +15,7 @@ from .config import PROFILES, VARIANTS, Config, make_config
 from .data import load as load_dataset
 from .evaluate import PROTOCOLS, evaluate
 from .fisher import ESTIMATORS, check_compatible, load_fisher
+from .pages.display import seed_list
 from .reproduce import reproduce
 from .rows import FisherSpec, rows
 from .runs import fisher_of, merge_runs, run_dir, run_row
@@ -130,9 +131,8 @@ def _parse_seeds(text: str):
 
 
 def cmd_verify(a) -> None:
-    seeds = _parse_seeds(a.seeds) if a.seeds else None
-    print(summary(verify(a.dataset, a.profile, jobs=a.jobs, progress=not a.quiet,
-                         seeds=list(range(seeds)) if isinstance(seeds, int) else seeds)))
+    seeds = seed_list(_parse_seeds(a.seeds)) if a.seeds else None
+    print(summary(verify(a.dataset, a.profile, jobs=a.jobs, progress=not a.quiet, seeds=seeds)))
 
 
 def cmd_reproduce(a) -> None:

@@ -25,11 +25,13 @@ import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
 import nbformat
 import papermill as pm
+import torch
 import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm import tqdm
@@ -159,37 +161,38 @@ def _execute_row(task, profile, dataset, folder) -> Path:
 
 
 def _worker_threads(threads: int) -> None:
-    # the kernels papermill starts inherit these: one job's share of the cores
+    # one job's share of the cores: for the work done in the worker, and for the kernels
+    # papermill starts from it (they inherit the environment)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    torch.set_num_threads(threads)
 
 
-def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, progress: bool = True,
-             jobs: int = 1) -> list[Path]:
-    """Execute the row notebooks, `jobs` at a time (each with cores/jobs threads; a combined row
-    starts once its members are trained); returns the executed notebooks in plan order."""
-    plan = _row_plan(names, seeds)
-    folder = results_dir(dataset, profile) / "notebooks"
-    # the bar advances by each row's expected cost (row_cost), so its remaining time is fair
-    # in hundredths of a SASRec training, as integers, so the updates add up to the total exactly
-    bar = tqdm(total=sum(round(100 * row_cost(t[1])) for t in plan), desc="rows (work units)",
-               disable=not progress, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
-    n_done = 0
+def run_tasks(fn, tasks: list, needs: dict, jobs: int, units: dict, desc: str, noun: str,
+              progress: bool = True, on_done=None) -> dict:
+    """fn(task) for every task, `jobs` at a time in spawned processes with cores/jobs threads each
+    (jobs=1: here, in order), a task starting once every task in needs[task] has finished. The
+    bar advances by units[task] (integers, so the updates add up to the total exactly).
+    on_done(task, result) runs here as each task ends. The first FmpaperError, from a task or
+    from on_done, stops new starts and is raised once the running tasks have ended.
+    Returns {task: result}."""
+    bar = tqdm(total=sum(units.values()), desc=desc, disable=not progress,
+               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+    finished = {}
 
-    def advance(task):
-        nonlocal n_done
-        n_done += 1
-        bar.set_postfix_str(f"{n_done}/{len(plan)} rows, last {task[1]} s{task[0]}")
-        bar.update(round(100 * row_cost(task[1])))
+    def finish(task, result):
+        if on_done is not None:
+            on_done(task, result)
+        finished[task] = result
+        bar.set_postfix_str(f"{len(finished)}/{len(tasks)} {noun}")
+        bar.update(units[task])
     if jobs == 1:
-        done = []
-        for task in plan:
-            done.append(_execute_row(task, profile, dataset, folder))
-            advance(task)
-        return done
+        for task in tasks:
+            finish(task, fn(task))
+        bar.close()
+        return finished
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    needs = {t: {(t[0], m, "train") for m in get_row(t[1]).members} for t in plan}
-    finished, running, waiting, error = {}, {}, list(plan), None
+    running, waiting, error = {}, list(tasks), None
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_threads,
                              initargs=(threads,)) as pool:
         while (waiting and error is None) or running:
@@ -198,19 +201,33 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, pr
                 if not ready:
                     break
                 waiting.remove(ready[0])
-                running[pool.submit(_execute_row, ready[0], profile, dataset, folder)] = ready[0]
-            if not running:  # nothing can start: a member failed
+                running[pool.submit(fn, ready[0])] = ready[0]
+            if not running:  # nothing can start: a task it needs failed
                 break
             for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
                 task = running.pop(fut)
                 try:
-                    finished[task] = fut.result()
+                    finish(task, fut.result())
                 except FmpaperError as e:
                     error = error or e
-                advance(task)
+    bar.close()
     if error is not None:
         raise error
-    return [finished[t] for t in plan]
+    return finished
+
+
+def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, progress: bool = True,
+             jobs: int = 1) -> list[Path]:
+    """Execute the row notebooks, `jobs` at a time (a combined row starts once its members are
+    trained); returns the executed notebooks in plan order."""
+    plan = _row_plan(names, seeds)
+    folder = results_dir(dataset, profile) / "notebooks"
+    needs = {t: {(t[0], m, "train") for m in get_row(t[1]).members} for t in plan}
+    # the bar counts hundredths of a SASRec training (row_cost), so its remaining time is fair
+    units = {t: round(100 * row_cost(t[1])) for t in plan}
+    done = run_tasks(partial(_execute_row, profile=profile, dataset=dataset, folder=folder), plan, needs,
+                     jobs, units, "rows (work units)", "rows", progress)
+    return [done[t] for t in plan]
 
 
 def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Path | None = None,

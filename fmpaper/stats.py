@@ -159,8 +159,8 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
             if name == "uniform" and ref == REFERENCES[2]:
                 continue
             for key in keys:
-                pairs = [(found.get((name, s)), found.get((reference(ref, name, s, key), s)),
-                          reference(ref, name, s, key)) for s in seeds]
+                chosen = [(s, reference(ref, name, s, key)) for s in seeds]
+                pairs = [(found.get((name, s)), found.get((r, s)), r) for s, r in chosen]
                 pairs = [(a, b, r) for a, b, r in pairs if a is not None and b is not None]
                 if not pairs:
                     continue

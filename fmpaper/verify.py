@@ -13,23 +13,19 @@ checkpoint or a checkpoint whose config is not its row's ends in one line and ex
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
-import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from . import FmpaperError
 from .config import Config
 from .evaluate import valid_ndcg10
 from .model import SASRec
-from .reproduce import COMBINE_COST, row_cost
+from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row
 from .runs import (checkpoint_dir, checkpoint_files, dataset, dataset_name, results_dir, run_dir, run_row,
                    train_config)
@@ -39,10 +35,6 @@ TOLERANCE = 1e-6
 EVAL_COST = 0.02       # one evaluation under both protocols, in reproduce's work units
 
 
-def _threads(n: int) -> None:
-    torch.set_num_threads(n)
-
-
 def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> dict:
     """Rebuild a trained row's run in the scratch root from its kept checkpoint; its metrics."""
     weights, conf = checkpoint_files(dataset_, profile, name, seed)
@@ -50,9 +42,9 @@ def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> di
         raise FmpaperError(f"no kept checkpoint for row {name} seed {seed} ({weights.name} in {weights.parent})")
     cfg = Config.from_dict(json.loads(conf.read_text()))
     expected = train_config(get_row(name), dataset_, profile, seed)
-    if cfg.identity() != expected.identity():
-        diff = sorted(k for k in set(cfg.identity()) | set(expected.identity())
-                      if cfg.identity().get(k) != expected.identity().get(k))
+    got, want = cfg.identity(), expected.identity()
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
         raise FmpaperError(f"checkpoint {conf.name} does not match row {name} seed {seed} "
                            f"(differs in {', '.join(diff)})")
     data = dataset(cfg)
@@ -73,9 +65,9 @@ def _combine(name: str, dataset_: str, profile: str, seed: int, root: str) -> di
     return run_row(name, dataset_, profile, seed, root=Path(root), progress=False)
 
 
-def _task(kind: str, name: str, dataset_: str, profile: str, seed: int, root: str) -> tuple:
-    fn = _restore if kind == "train" else _combine
-    return name, seed, fn(name, dataset_, profile, seed, root)
+def _task(task: tuple, dataset_: str, profile: str, root: str) -> dict:
+    kind, name, seed = task
+    return (_restore if kind == "train" else _combine)(name, dataset_, profile, seed, root)
 
 
 def compare(expected: pd.DataFrame, name: str, seed: int, metrics: dict) -> list[str]:
@@ -113,47 +105,26 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
     tasks = [("train" if kind == "train" else "combine", row, int(seed)) for row, kind, seed in pairs]
     for _, row, _ in tasks:
         get_row(row)  # a row runs.csv names must still exist
-    # in hundredths of a SASRec training (reproduce's units), as integers
-    cost = {t: round(100 * (EVAL_COST if t[0] == "train" else row_cost(t[1]) if get_row(t[1]).fisher
-                            else COMBINE_COST / 10)) for t in tasks}
-    bar = tqdm(total=sum(cost.values()), desc=f"verify {dataset_name(dataset_, profile)}-{profile}",
-               disable=not progress, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    done, checked = set(), 0
-    with tempfile.TemporaryDirectory(prefix="fmpaper-verify-") as root, \
-            ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_threads,
-                                initargs=(threads,)) as pool:
-        waiting, running = list(tasks), {}
-        try:
-            while waiting or running:
-                while waiting and len(running) < jobs:
-                    ready = [t for t in waiting if t[0] == "train" or
-                             all(("train", m, t[2]) in done for m in get_row(t[1]).members)]
-                    if not ready:
-                        break
-                    waiting.remove(ready[0])
-                    t = ready[0]
-                    running[pool.submit(_task, t[0], t[1], dataset_, profile, t[2], root)] = t
-                if not running:
-                    missing = sorted({f"{m} seed {t[2]}" for t in waiting for m in get_row(t[1]).members
-                                      if ("train", m, t[2]) not in done})
-                    raise FmpaperError(f"runs.csv has merges whose members it does not list: {', '.join(missing)}")
-                for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
-                    t = running.pop(fut)
-                    name, seed, metrics = fut.result()
-                    bad = compare(expected, name, seed, metrics)
-                    if bad:
-                        more = f" (and {len(bad) - 1} more in this run)" if len(bad) > 1 else ""
-                        raise FmpaperError(f"mismatch: {bad[0]}{more}")
-                    checked += int(((expected["row"] == name) & (expected["seed"] == seed)).sum())
-                    done.add(t)
-                    bar.set_postfix_str(f"{len(done)}/{len(tasks)} runs")
-                    bar.update(cost[t])
-        except BaseException:
-            for fut in running:
-                fut.cancel()
-            raise
-    bar.close()
+    needs = {t: set() if t[0] == "train" else {("train", m, t[2]) for m in get_row(t[1]).members} for t in tasks}
+    missing = sorted({f"{m} seed {seed}" for t in tasks for _, m, seed in needs[t] - set(tasks)})
+    if missing:
+        raise FmpaperError(f"runs.csv has merges whose members it does not list: {', '.join(missing)}")
+    # in hundredths of a SASRec training (reproduce's units)
+    units = {t: round(100 * (EVAL_COST if t[0] == "train" else row_cost(t[1]) if get_row(t[1]).fisher
+                             else COMBINE_COST / 10)) for t in tasks}
+    checked = 0
+
+    def check(task, metrics):
+        nonlocal checked
+        _, name, seed = task
+        bad = compare(expected, name, seed, metrics)
+        if bad:
+            more = f" (and {len(bad) - 1} more in this run)" if len(bad) > 1 else ""
+            raise FmpaperError(f"mismatch: {bad[0]}{more}")
+        checked += int(((expected["row"] == name) & (expected["seed"] == seed)).sum())
+    with tempfile.TemporaryDirectory(prefix="fmpaper-verify-") as root:
+        run_tasks(partial(_task, dataset_=dataset_, profile=profile, root=root), tasks, needs, jobs, units,
+                  f"verify {dataset_name(dataset_, profile)}-{profile}", "runs", progress, on_done=check)
     return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "runs": len(tasks), "values": checked,
             "seeds": sorted({t[2] for t in tasks}), "seconds": time.perf_counter() - t0}
 
