@@ -18,7 +18,7 @@ from .fisher import ESTIMATORS, check_compatible, load_fisher
 from .pages.display import seed_list
 from .reproduce import reproduce
 from .rows import FisherSpec, rows
-from .runs import fisher_of, merge_runs, run_dir, run_row
+from .runs import base_dir, fisher_of, merge_runs, run_dir, run_row, start_weights
 from .train import load_run, train
 from .verify import summary, verify
 
@@ -64,7 +64,8 @@ def cmd_train(a) -> None:
     overrides.setdefault("variant", "sasrec")
     cfg = make_config(a.profile, **overrides)
     out = a.out or f"runs/{cfg.variant}-{Path(cfg.dataset).stem}-{cfg.profile}-s{cfg.seed}"
-    metrics = train(cfg, out, progress=not a.quiet)
+    init = start_weights(cfg, base_dir(cfg)) if cfg.init_from else None     # checked before writing
+    metrics = train(cfg, out, progress=not a.quiet, init=init)
     print(json.dumps({"run": str(out), "valid_ndcg@10": metrics["valid_ndcg@10"], "test": metrics["test"]}, indent=2))
 
 
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="test metrics of a run directory in the three modes")
     e.add_argument("run_dir")
     e.add_argument("--protocol", choices=PROTOCOLS, default="paper",
-                   help="paper: as the authors' code; corrected: negatives exclude the user's items, no duplicates")
+                   help="as-run: what the authors' code computed, side effects included; paper: their protocol "
+                        "without the side effect; corrected: negatives exclude the user's items, no duplicates")
     e.add_argument("--mask-history", action="store_true", help="FULL: exclude the user's earlier items from the ranking")
     e.add_argument("--seed", type=int, help="negative-sampling seed (default: the run's seed)")
     e.add_argument("--json", action="store_true", help="print JSON")

@@ -50,6 +50,14 @@ class Config:
     reorder_beta: float = 0.6        # CL4SRec reorder: share of the sequence shuffled
     cl4srec_ce: bool = True          # False: CL4SRec trained on InfoNCE alone (authors' later commit)
     supunsup_mode: str = "both"      # "both": unsup. + sup. terms; "duorec": dropout view vs semantic view
+    cl4srec_inplace: bool = False    # True: mask and reorder views overwrite the stored training inputs,
+                                     #   persistently across epochs, as the authors' code did (book
+                                     #   chapter "How the paper's numbers arose")
+    # --- where training starts and which epoch a run keeps
+    init_from: str = ""              # "": fresh initialisation; else a row name (same dataset, profile
+                                     #   and seed) or a finished run directory to start from
+    select: str = "best"             # "best": keep the epoch of best validation NDCG@10; "last": the
+                                     #   last epoch (the authors' post-merge fine-tuning)
     # --- where it runs
     device: str = "auto"             # "auto" (cuda when present), "cpu" or "cuda"
 
@@ -64,6 +72,12 @@ class Config:
             raise FmpaperError(f"cl_weight must be >= 0, got {self.cl_weight}")
         if self.cl_temperature <= 0:
             raise FmpaperError(f"cl_temperature must be > 0, got {self.cl_temperature}")
+        if not self.lr > 0:
+            raise FmpaperError(f"lr must be > 0, got {self.lr}")
+        if self.select not in ("best", "last"):
+            raise FmpaperError(f"select must be 'best' or 'last', got {self.select!r}")
+        if self.cl4srec_inplace and self.variant != "cl4srec":
+            raise FmpaperError(f"cl4srec_inplace applies to variant cl4srec, not {self.variant}")
         if self.supunsup_mode not in ("both", "duorec"):
             raise FmpaperError(f"supunsup_mode must be 'both' or 'duorec', got {self.supunsup_mode!r}")
         for name in ("max_len", "hidden", "n_layers", "n_heads", "inner", "batch_size", "epochs", "patience"):
@@ -93,7 +107,7 @@ class Config:
 
 
 # Fields added after runs were first cached; see Config.identity.
-LATER_FIELDS: frozenset = frozenset()
+LATER_FIELDS: frozenset = frozenset({"cl4srec_inplace", "init_from", "select"})
 
 # Overrides applied on top of the defaults (which are the paper's protocol).
 PROFILES: dict[str, dict] = {

@@ -5,7 +5,14 @@ pop100 rank it among 100 sampled negatives (uniformly / by popularity). Metrics:
 NDCG@K = 1 / log2(rank + 2) for rank < K (rank 0 = first), averaged over users.
 
 Protocols (book chapter "How the protocols differ", notebooks/protocols.ipynb):
-  paper      as the authors' code ran: FULL does not mask the user's history; negatives are
+  as-run     what the authors' code computed, side effects included (book chapter "How the
+             paper's numbers arose"). Their evaluation sampler keeps one shuffled candidate list
+             and gives each user, in turn, the next 100 entries of it (target and history allowed).
+             uni100: the list is every item. pop100: the list is the item column of the
+             interaction table itself, and shuffling it in place reorders the data the test
+             histories and targets are then read from, so every history and target becomes a
+             random draw of items by popularity. FULL as under `paper`.
+  paper      as the authors' code ran, without that side effect: FULL does not mask the user's history; negatives are
              drawn with replacement and may be the target itself or items of the history;
              pop100 draws from the list of all interactions (train + valid + test), so popular
              items recur. A negative that ties the target (e.g. the target drawn as its own
@@ -16,6 +23,7 @@ Both are seeded here (the authors' sampler was not), so every number can be re-r
 """
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 
@@ -23,7 +31,7 @@ from .data import SeqData
 from .model import SASRec, trim
 
 MODES = ("full", "uni100", "pop100")
-PROTOCOLS = ("paper", "corrected")
+PROTOCOLS = ("as-run", "paper", "corrected")
 
 
 @torch.no_grad()
@@ -68,6 +76,30 @@ def sample_negatives(data: SeqData, mode: str, protocol: str, n: int = 100, seed
     return torch.multinomial(weights, n, replacement=False, generator=gen)
 
 
+def shuffled_items(data: SeqData, seed: int) -> SeqData:
+    """A copy of `data` whose item column (every interaction, users in turn, each in time order)
+    is randomly permuted: what the authors' popularity sampler left behind. `data` is untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    return dataclasses.replace(data, items=data.items[torch.randperm(len(data.items), generator=gen)])
+
+
+def block_negatives(candidates: torch.Tensor, n_users: int, n: int = 100) -> torch.Tensor:
+    """(U, n): user u gets entries u*n .. u*n + n - 1 of the candidate list, wrapping around, as
+    the authors' sampler handed out consecutive blocks of one shuffled list."""
+    idx = torch.arange(n_users)[:, None] * n + torch.arange(n)           # (U, n)
+    return candidates[idx % len(candidates)]
+
+
+def as_run_pop100(model: SASRec, data: SeqData, seed: int, split: str = "test") -> torch.Tensor:
+    """pop100 ranks as the authors' code computed them: histories, targets and negatives all
+    read from the shuffled item column."""
+    shuffled = shuffled_items(data, seed)
+    s, target = scores(model, shuffled, split)
+    pos = s.gather(1, (target - 1)[:, None])
+    neg = block_negatives(shuffled.items, data.n_users)                  # the shuffled list itself
+    return (s.gather(1, neg - 1) >= pos).sum(1)
+
+
 def ranks(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
           mask_history: bool = False, split: str = "test") -> dict[str, torch.Tensor]:
     """0-based rank of each user's target in each mode: {"full": (U,), "uni100": (U,), "pop100": (U,)}."""
@@ -82,6 +114,12 @@ def ranks(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
         hist.scatter_(1, col, False)
         full_scores = s.masked_fill(hist, float("-inf"))
     out = {"full": (full_scores > pos).sum(1)}
+    if protocol == "as-run":
+        gen = torch.Generator().manual_seed(seed)
+        items = torch.randperm(data.n_items, generator=gen) + 1          # the shuffled list of all items
+        out["uni100"] = (s.gather(1, block_negatives(items, data.n_users) - 1) >= pos).sum(1)
+        out["pop100"] = as_run_pop100(model, data, seed + 1, split)
+        return out
     for mode, key in (("uni", "uni100"), ("pop", "pop100")):
         neg = sample_negatives(data, mode, protocol, seed=seed + (0 if mode == "uni" else 1))
         ns = s.gather(1, neg - 1)                                          # (U, 100)

@@ -13,8 +13,9 @@ batch are encoded and which InfoNCE terms are added (book/models.md):
 The views of a step go through the encoder in one call (one batch of B * views rows), so
 dropout draws differ per view while the work stays one large batch; semantic positives get a
 call of their own (see `Objective.__call__`).
-Augmentations are batched tensor ops that return new tensors: the data is never modified
-(the authors' code augmented the stored sequences in place).
+Augmentations are batched tensor ops that return new tensors: the data is never modified.
+The authors' code augmented the stored training sequences in place; `cl4srec_inplace`
+reproduces that (`augment_inplace`, `Objective.stored`).
 """
 from __future__ import annotations
 
@@ -60,23 +61,56 @@ def reorder(seq, lengths, beta, gen):
     return seq.gather(1, keys.argsort(1)), lengths
 
 
+def draw_operators(lengths: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's two distinct operators (0 crop, 1 mask, 2 reorder), an ordered pair drawn
+    uniformly; -1 (no operator) for both where the sequence has a single item."""
+    first = torch.randint(0, 3, lengths.shape, generator=gen)            # (B,)
+    second = (first + torch.randint(1, 3, lengths.shape, generator=gen)) % 3   # never == first
+    return tuple(torch.where(lengths > 1, o, -1) for o in (first, second))
+
+
 def augment_pair(seq, lengths, cfg: Config, mask_id: int, gen: torch.Generator):
     """The two CL4SRec views of a batch. Each sequence gets two distinct operators out of crop,
     mask and reorder (an ordered pair drawn uniformly, as the authors' `random.sample(range(3),
     k=2)`); length-1 sequences stay as they are in both views."""
     ops = [crop(seq, lengths, cfg.crop_eta, gen), mask(seq, lengths, cfg.mask_gamma, mask_id, gen),
            reorder(seq, lengths, cfg.reorder_beta, gen)]
-    first = torch.randint(0, 3, lengths.shape, generator=gen)            # (B,)
-    second = (first + torch.randint(1, 3, lengths.shape, generator=gen)) % 3   # never == first
     views = []
-    for choice in (first, second):
-        choice = torch.where(lengths > 1, choice, -1)                    # -1: keep the original
+    for choice in draw_operators(lengths, gen):
         out_seq, out_len = seq.clone(), lengths.clone()
         for i, (s, n) in enumerate(ops):
             pick = choice == i
             out_seq[pick], out_len[pick] = s[pick], n[pick]
         views.append((out_seq, out_len))
     return views
+
+
+def augment_inplace(seq, lengths, cfg: Config, mask_id: int, gen: torch.Generator):
+    """The two views as the authors' code produced them, and the stored sequences they leave.
+
+    Their mask and reorder wrote into the stored training example (a view of it, not a copy),
+    crop copied. Per example, with its two distinct operators applied in order to the stored
+    sequence s0: the first turns s0 into s1 (unchanged by crop), the second s1 into s2. A crop
+    view is the crop of the sequence it saw (s0 or s1); a mask or reorder view is the stored
+    example itself, so it shows s2 when the batch is assembled (two in-place operators give two
+    identical views). s2 is written back and is also what the CE term reads.
+    Returns ([(view1, len1), (view2, len2)], s2)."""
+    first, second = draw_operators(lengths, gen)
+
+    def step(op, s):
+        masked, _ = mask(s, lengths, cfg.mask_gamma, mask_id, gen)
+        shuffled, _ = reorder(s, lengths, cfg.reorder_beta, gen)
+        return torch.where((op == 1)[:, None], masked, torch.where((op == 2)[:, None], shuffled, s))
+
+    crop0 = crop(seq, lengths, cfg.crop_eta, gen)
+    s1 = step(first, seq)
+    crop1 = crop(s1, lengths, cfg.crop_eta, gen)
+    s2 = step(second, s1)
+    views = []
+    for op, (c_seq, c_len) in ((first, crop0), (second, crop1)):
+        pick = op == 0
+        views.append((torch.where(pick[:, None], c_seq, s2), torch.where(pick, c_len, lengths)))
+    return views, s2
 
 
 # ---------------------------------------------------------------- InfoNCE
@@ -130,6 +164,28 @@ class Objective:
         self.targets, self.users = data.train_targets()
         v = cfg.variant
         self.semantic = SemanticPositives(data.items[self.targets]) if v in ("duorec_sup", "duorec_supunsup") else None
+        # cl4srec_inplace: every training example stored as its own row (as RecBole stores each
+        # prefix), overwritten by its mask and reorder views; int32 halves the memory (ML-1M:
+        # 981,491 x 50 -> 196 MB)
+        self.stored = None
+        if cfg.cl4srec_inplace:
+            rows = [data.inputs(t, u)[0] for t, u in zip(self.targets.split(65536), self.users.split(65536))]
+            self.stored = torch.cat(rows).to(torch.int32)                # (n_examples, L)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs besides the weights: the stored inputs when they change."""
+        return {} if self.stored is None else {"stored": self.stored}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.stored is not None:
+            self.stored = tensors["stored"].to(torch.int32)
+
+    def mask_fraction(self, mask_id: int) -> float:
+        """Share of the stored training positions that hold the mask token (0 when nothing is stored)."""
+        if self.stored is None:
+            return 0.0
+        lengths = (self.targets - self.data.offsets[self.users]).clamp(max=self.cfg.max_len)
+        return float((self.stored == mask_id).sum()) / float(lengths.sum())
 
     @staticmethod
     def encode(model: SASRec, views: list) -> list[torch.Tensor]:
@@ -143,13 +199,22 @@ class Objective:
     def batch(self, ex: torch.Tensor):
         return self.data.inputs(self.targets[ex], self.users[ex])
 
+    def views_cl4srec(self, seq, lengths, ex, mask_id: int, gen: torch.Generator) -> tuple[list, torch.Tensor]:
+        """CL4SRec's two views and the sequence the CE term reads (the stored one when in place)."""
+        if self.stored is None:
+            return augment_pair(seq, lengths, self.cfg, mask_id, gen), seq
+        views, after = augment_inplace(self.stored[ex].long(), lengths, self.cfg, mask_id, gen)
+        self.stored[ex] = after.to(torch.int32)
+        return views, after
+
     def __call__(self, model: SASRec, ex: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg, v = self.cfg, self.cfg.variant
         seq, lengths, target = self.batch(ex)
         with_ce = v != "cl4srec" or cfg.cl4srec_ce
-        views = [(seq, lengths)] if with_ce else []                      # view 0 feeds the CE
+        augmented = []
         if v == "cl4srec":
-            views += augment_pair(seq, lengths, cfg, model.mask_id, gen)
+            augmented, seq = self.views_cl4srec(seq, lengths, ex, model.mask_id, gen)
+        views = ([(seq, lengths)] if with_ce else []) + augmented        # view 0 feeds the CE
         if v in ("duorec_unsup", "duorec_supunsup"):
             views.append((seq, lengths))                                 # second dropout pass
         hs = self.encode(model, views)                                   # one (B, d) per view

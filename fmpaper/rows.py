@@ -66,8 +66,14 @@ class Row:
     batchwise: bool = False            # the poster's batch-sum Fisher approximation
     members: tuple = ()                # merge/ensemble rows: names of the train rows combined
     finetune_epochs: int = 0           # CE epochs after merging (the authors used 10)
+    finetune_lr: float | None = None   # their learning rate (None: the first member's)
+    seed_shift: tuple = ()             # merge rows: member i is trained with seed + seed_shift[i]
     paper: bool = True                 # False: a reference row the paper does not have
     settings: tuple = ()               # train rows: Config overrides, ((field, value), ...)
+    family: str = "scratch"            # "scratch": models trained from a fresh initialisation;
+                                       #   "finetuned": copies fine-tuned from one SASRec ([finetuned])
+    counterpart: str | None = None     # finetuned rows: the from-scratch row of the same recipe
+    profiles: tuple = ()               # the profiles the row runs in (empty: every profile)
 
     @property
     def fisher(self) -> FisherSpec | None:
@@ -75,6 +81,22 @@ class Row:
         if self.kind != "merge" or self.method != "fisher":
             return None
         return FisherSpec(self.estimator, self.k, self.batchwise)
+
+    @property
+    def init_from(self) -> str | None:
+        """The row a train row starts from (its `init_from` setting), if any."""
+        return dict(self.settings).get("init_from") or None
+
+    def needs(self, seed: int) -> list[tuple[str, int]]:
+        """(row, seed) of every run this row is computed from: a merge's members (with their seed
+        shifts), a fine-tuned row's starting point."""
+        if self.kind == "train":
+            return [(self.init_from, seed)] if self.init_from else []
+        shifts = self.seed_shift or (0,) * len(self.members)
+        return [(m, seed + d) for m, d in zip(self.members, shifts)]
+
+    def runs_in(self, profile: str) -> bool:
+        return not self.profiles or profile in self.profiles
 
     @property
     def short_label(self) -> str:
@@ -93,14 +115,49 @@ class Row:
         else:
             what = ("uniform merge" if self.method == "uniform" else f"Fisher merge ({self.fisher.describe()})")
             what += f" of {', '.join(self.members)}"
+            if self.seed_shift:
+                what += " (trained with seeds " + ", ".join(f"s+{d}" for d in self.seed_shift) + ")"
             if self.finetune_epochs:
-                what += f", fine-tuned {self.finetune_epochs} epochs"
+                lr = f" at lr {self.finetune_lr:g}" if self.finetune_lr else ""
+                what += f", then trained {self.finetune_epochs} epochs with CE{lr}, last epoch kept"
         return what
+
+
+def _row(r: dict) -> Row:
+    row = Row(**{**r, "members": tuple(r.get("members", ())), "seed_shift": tuple(r.get("seed_shift", ())),
+                 "profiles": tuple(r.get("profiles", ())),
+                 "settings": tuple(sorted(r.get("settings", {}).items()))})
+    row.fisher  # validates estimator and k
+    if row.seed_shift and len(row.seed_shift) != len(row.members):
+        raise FmpaperError(f"row {row.name}: seed_shift needs one shift per member")
+    return row
+
+
+def _finetuned(spec: dict, scratch: dict[str, Row]) -> list[Row]:
+    """The [finetuned] family: ft_<variant> for each objective, fine-tuned from the base row;
+    ft_<row> for each listed merge or ensemble, over the fine-tuned members; ft_<row>_tuned for
+    each listed merge, trained further with CE after merging."""
+    out = []
+    for v in spec["variants"]:
+        src = next(r for r in scratch.values() if r.kind == "train" and r.variant == v and not r.settings)
+        out.append(_row(dict(name=f"ft_{v}", label=f"FT: {src.label}", kind="train", variant=v, paper=False,
+                             family="finetuned", counterpart=src.name,
+                             settings={"init_from": spec["base"], "lr": spec["lr"]})))
+    for name in spec["merges"]:
+        src = scratch[name]
+        common = {k: v for k, v in src.__dict__.items() if k not in ("name", "label", "members", "paper")}
+        common.update(members=tuple(spec["members"]), paper=False, family="finetuned", counterpart=name)
+        out.append(Row(**{**common, "name": f"ft_{name}", "label": f"FT: {src.label}"}))
+        if src.kind == "merge":
+            out.append(Row(**{**common, "name": f"ft_{name}_tuned", "label": f"FT+{spec['tuned_epochs']}: {src.label}",
+                              "finetune_epochs": spec["tuned_epochs"], "finetune_lr": spec["tuned_lr"]}))
+    return out
 
 
 @lru_cache(maxsize=1)
 def rows() -> dict[str, Row]:
-    """Every row of rows.toml by name, in the file's order (the tables' order)."""
+    """Every row by name: rows.toml's [[row]] entries in the file's order (the tables' order),
+    then the [finetuned] family generated from them."""
     spec = tomllib.loads(ROWS_FILE.read_text())
     defaults = spec["merge"]
     out = {}
@@ -108,10 +165,14 @@ def rows() -> dict[str, Row]:
         if r["kind"] != "train":
             r.setdefault("members", defaults["members"])
             r.setdefault("finetune_epochs", defaults["finetune_epochs"])
-        row = Row(**{**r, "members": tuple(r.get("members", ())),
-                     "settings": tuple(sorted(r.get("settings", {}).items()))})
-        row.fisher  # validates estimator and k
+        row = _row(r)
         out[row.name] = row
+    for row in _finetuned(spec["finetuned"], dict(out)):
+        out[row.name] = row
+    for row in out.values():
+        for dep, _ in row.needs(0):
+            if dep not in out or out[dep].kind != "train":
+                raise FmpaperError(f"row {row.name} is computed from {dep!r}, which is not a trained row")
     return out
 
 
@@ -132,14 +193,28 @@ def labels(names) -> list[str]:
     return [rows()[n].short_label if n in rows() else n for n in names]
 
 
-def trained(paper_only: bool = False) -> list[str]:
-    return [n for n, r in rows().items() if r.kind == "train" and (r.paper or not paper_only)]
+def in_family(family: str | None, profile: str | None = None) -> list[str]:
+    """Rows of one family ("scratch", "finetuned"; None: every row) that run in `profile`."""
+    return [n for n, r in rows().items()
+            if (family is None or r.family == family) and (profile is None or r.runs_in(profile))]
 
 
-def combined() -> list[str]:
+def trained(paper_only: bool = False, family: str | None = "scratch") -> list[str]:
+    return [n for n in in_family(family) if rows()[n].kind == "train" and (rows()[n].paper or not paper_only)]
+
+
+def combined(family: str | None = "scratch") -> list[str]:
     """The merge and ensemble rows."""
-    return [n for n, r in rows().items() if r.kind != "train"]
+    return [n for n in in_family(family) if rows()[n].kind != "train"]
 
 
-def fisher_merges() -> list[str]:
-    return [n for n, r in rows().items() if r.fisher is not None]
+def fisher_merges(family: str | None = "scratch") -> list[str]:
+    return [n for n in in_family(family) if rows()[n].fisher is not None]
+
+
+def uniform_of(name: str) -> str | None:
+    """The uniform merge of the same members as combined row `name` (its natural reference)."""
+    r = get_row(name)
+    return next((n for n, o in rows().items() if o.method == "uniform" and o.kind == "merge"
+                 and o.members == r.members and o.seed_shift == r.seed_shift and not o.finetune_epochs
+                 and n != name), None)

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from . import FmpaperError
 from .config import Config, make_config
 from .data import SeqData, cache_dir
-from .evaluate import ndcg
+from .evaluate import PROTOCOLS, metrics_from_ranks, ndcg, ranks
 from .fisher import compute_fisher, load_fisher, save_fisher
 from .merge import fisher_merge, uniform_merge
 from .rows import FisherSpec, Row, get_row, rows
@@ -136,12 +136,23 @@ def train_config(row: Row, dataset_: str | None, profile: str, seed: int, **over
                        **{**dict(row.settings), **overrides})
 
 
+# Row fields that say how a row is shown or where it runs, not what it computes
+_PRESENTATION = ("name", "label", "paper", "members", "settings", "family", "counterpart", "profiles")
+# Row fields added after merges were first cached: left out of the identity at their default
+_LATER_ROW_FIELDS = {"finetune_lr": None, "seed_shift": ()}
+
+
 def identity(row: Row, dataset_, profile, seed, overrides) -> dict:
-    """What defines a run: its resolved config, and for combined rows its members' identities."""
+    """What defines a run: its resolved config (and the identity of the run it starts from), and
+    for combined rows the merge settings and the members' identities."""
     if row.kind == "train":
-        return train_config(row, dataset_, profile, seed, **overrides).identity()
-    ident = {k: v for k, v in row.__dict__.items() if k not in ("name", "label", "paper", "members", "settings")}
-    ident["members"] = [identity(get_row(m), dataset_, profile, seed, overrides) for m in row.members]
+        ident = train_config(row, dataset_, profile, seed, **overrides).identity()
+        if row.init_from:
+            ident["init"] = identity(get_row(row.init_from), dataset_, profile, seed, overrides)
+        return ident
+    ident = {k: v for k, v in row.__dict__.items()
+             if k not in _PRESENTATION and not (k in _LATER_ROW_FIELDS and v == _LATER_ROW_FIELDS[k])}
+    ident["members"] = [identity(get_row(m), dataset_, profile, s, overrides) for m, s in row.needs(seed)]
     return ident
 
 
@@ -159,15 +170,78 @@ def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed
     row = get_row(name)
     out = run_dir(name, dataset_, profile, seed, root, **overrides)
     if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
+        return complete(out)
+    for dep, s in row.needs(seed):
+        run_row(dep, dataset_, profile, s, root, progress, **overrides)
     if row.kind == "train":
         cfg = train_config(row, dataset_, profile, seed, **overrides)
-        return train(cfg, out, progress=progress, data=dataset(cfg))
-    member_dirs = []
-    for m in row.members:
-        run_row(m, dataset_, profile, seed, root, progress, **overrides)
-        member_dirs.append(run_dir(m, dataset_, profile, seed, root, **overrides))
+        init = None
+        if row.init_from:
+            init = start_weights(cfg, run_dir(row.init_from, dataset_, profile, seed, root, **overrides))
+        return train(cfg, out, progress=progress, data=dataset(cfg), init=init)
+    member_dirs = [run_dir(m, dataset_, profile, s, root, **overrides) for m, s in row.needs(seed)]
     return combine(row, member_dirs, out, progress)
+
+
+# the fields a run must share with the run it starts from or with the runs it is merged with
+SHARED_FIELDS = ("dataset", "max_users", "min_count", "max_len", "hidden", "n_layers", "n_heads", "inner")
+
+
+def base_dir(cfg: Config) -> Path:
+    """The run `cfg.init_from` names: a row (same dataset, profile and seed) or a run directory."""
+    if cfg.init_from in rows():
+        return run_dir(cfg.init_from, cfg.dataset, cfg.profile, cfg.seed)
+    return Path(cfg.init_from)
+
+
+def start_weights(cfg: Config, base: Path) -> dict:
+    """The weights a run with `init_from` starts from: the finished base run's, with the mask
+    token's row zeroed for CL4SRec (the authors appended a zero row to SASRec's table; every
+    model here reserves that row, so it is reset instead). Checked before anything is written."""
+    base = Path(base)
+    if not (base / "metrics.json").is_file():
+        state = "unfinished" if base.with_name(base.name + ".partial").exists() or base.exists() else "missing"
+        raise FmpaperError(f"init_from: run {base} is {state} (train it first: it needs a metrics.json)")
+    run = load(base)
+    for field in SHARED_FIELDS:
+        a, b = getattr(run.cfg, field), getattr(cfg, field)
+        if a != b:
+            raise FmpaperError(f"init_from: {base.name} has {field} = {a!r}, this run needs {b!r}")
+    state = {k: v.clone() for k, v in run.model.state_dict().items()}
+    if cfg.variant == "cl4srec":
+        state["item_emb.weight"][run.model.mask_id] = 0.0
+    return state
+
+
+def complete(run: Path) -> dict:
+    """The metrics of a finished run, with every protocol of fmpaper.evaluate.PROTOCOLS: a
+    protocol added after the run finished is evaluated now (from its checkpoint; an ensemble
+    from its members) and written into metrics.json and ranks.safetensors (each replaced whole)."""
+    run = Path(run)
+    m = metrics_of(run)
+    missing = [p for p in PROTOCOLS if p not in m["test"]]
+    if not missing:
+        return m
+    if (run / "model.safetensors").is_file():
+        loaded = load(run)
+        model, data, seed = loaded.model, loaded.data, loaded.cfg.seed
+    else:
+        members = [load(run.parent / name) for name in m["members"]]      # see member_names
+        model, data, seed = Ensemble([r.model for r in members]).eval(), members[0].data, members[0].cfg.seed
+    all_ranks = ranks_of(run)
+    for p in missing:
+        r = ranks(model, data, p, seed)
+        m["test"][p] = {mode: metrics_from_ranks(x) for mode, x in r.items()}
+        all_ranks.update({f"{p}.{mode}": x for mode, x in r.items()})
+    _replace(run / "ranks.safetensors", lambda tmp: save_file(all_ranks, str(tmp)))
+    _replace(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(m, indent=2, sort_keys=True)))
+    return m
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def fisher_path(member_dir: Path, spec: FisherSpec) -> Path:
@@ -208,7 +282,7 @@ class Ensemble(torch.nn.Module):
 
 def combine(row: Row, member_dirs: list[Path], out: Path, progress: bool = True) -> dict:
     """Compute a merge or ensemble row from its trained members into run directory `out`."""
-    metrics = {"row": row.name, "members": [d.name for d in member_dirs]}
+    metrics = {"row": row.name, "members": member_names(member_dirs, out)}
     if row.kind == "ensemble":
         runs = [load(d) for d in member_dirs]
         part = out.with_name(out.name + ".partial")
@@ -221,30 +295,50 @@ def combine(row: Row, member_dirs: list[Path], out: Path, progress: bool = True)
         fishers = [f for f, _ in computed]
         metrics["fisher"] = [meta for _, meta in computed]
         metrics["fisher_seconds"] = sum(meta["seconds"] for _, meta in computed)
-    return merge_runs(member_dirs, out, fishers, finetune_epochs=row.finetune_epochs, metrics=metrics,
-                      progress=progress)
+    return merge_runs(member_dirs, out, fishers, finetune_epochs=row.finetune_epochs,
+                      finetune_lr=row.finetune_lr, metrics=metrics, progress=progress)
+
+
+def finetune_config(member: Config, epochs: int, lr: float | None = None) -> Config:
+    """The training of a merged model afterwards, as the authors ran it: CE only, `epochs`
+    epochs at `lr` (default: the member's), the last epoch kept."""
+    d = json.loads(member.to_json())
+    d.update(variant="sasrec", epochs=epochs, patience=epochs, select="last", lr=lr or member.lr,
+             init_from="", cl4srec_inplace=False)
+    return Config.from_dict(d)
+
+
+def member_names(member_dirs: list[Path], out: Path) -> list[str]:
+    """How metrics.json names a combined run's members: relative to the run's own folder
+    (a member of another seed as ../s<seed>/<run>)."""
+    return [Path(os.path.relpath(d, Path(out).parent)).as_posix() for d in member_dirs]
 
 
 def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = None, lambdas=None,
-               floor: float = 1e-10, finetune_epochs: int = 0, metrics: dict | None = None,
-               progress: bool = True) -> dict:
+               floor: float = 1e-10, finetune_epochs: int = 0, finetune_lr: float | None = None,
+               metrics: dict | None = None, progress: bool = True) -> dict:
     """Merge trained runs into run directory `out`: Fisher-weighted with `fishers`, else uniform;
-    optionally fine-tuned `finetune_epochs` with CE afterwards. Evaluated like a trained run."""
+    optionally trained `finetune_epochs` more with CE (`finetune_config`). Evaluated like a
+    trained run. Members must share the data and the architecture (SHARED_FIELDS)."""
     out = Path(out)
     if (out / "metrics.json").exists():
         raise FmpaperError(f"{out} already holds a finished run; choose another --out")
     runs = [load(d) for d in member_dirs]
     cfg, data = runs[0].cfg, runs[0].data
+    for d, r in zip(member_dirs[1:], runs[1:]):
+        for field in SHARED_FIELDS:
+            if getattr(r.cfg, field) != getattr(cfg, field):
+                raise FmpaperError(f"cannot merge {Path(d).name} ({field} = {getattr(r.cfg, field)!r}) with "
+                                   f"{Path(member_dirs[0]).name} ({field} = {getattr(cfg, field)!r})")
     t0 = time.perf_counter()
     states = [r.model.state_dict() for r in runs]
     merged = uniform_merge(states) if fishers is None else fisher_merge(states, fishers, lambdas, floor)
     metrics = dict(metrics or {}, method="uniform" if fishers is None else "fisher",
                    lambdas=lambdas, floor=floor, merge_seconds=time.perf_counter() - t0,
-                   members=[str(Path(d).name) for d in member_dirs])
+                   members=member_names(member_dirs, out))
     if finetune_epochs:
-        ft = Config.from_dict({**json.loads(cfg.to_json()), "variant": "sasrec",
-                               "epochs": finetune_epochs, "patience": finetune_epochs})
-        metrics["finetune"] = {"epochs": finetune_epochs, "objective": "sasrec (CE)"}
+        ft = finetune_config(cfg, finetune_epochs, finetune_lr)
+        metrics["finetune"] = {"epochs": finetune_epochs, "objective": "sasrec (CE)", "lr": ft.lr, "kept": "last epoch"}
         return train(ft, out, progress=progress, data=data, init=merged, extra=metrics)
     part = out.with_name(out.name + ".partial")
     part.mkdir(parents=True, exist_ok=True)
@@ -256,8 +350,9 @@ def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = 
 # ----------------------------------------------------------------------------- reading runs back
 
 def finished(dataset_, profile, seeds, names=None) -> tuple[dict, list]:
-    """({(row, seed): finished run dir}, [missing 'row' or 'row (seed s)'])."""
-    names = list(names) if names is not None else list(rows())
+    """({(row, seed): finished run dir}, [missing 'row' or 'row (seed s)']) over `names`
+    (default: every row that runs in `profile`)."""
+    names = list(names) if names is not None else [n for n, r in rows().items() if r.runs_in(profile)]
     found, missing = {}, []
     for s in seeds:
         for name in names:
@@ -283,7 +378,7 @@ def user_ndcg(run: Path, key: str, k: int = 10):
     return ndcg(ranks_of(run)[key], k).numpy()
 
 
-RUN_COLUMNS = ["row", "label", "kind", "paper", "k", "seed", "protocol", "mode", "metric", "value",
+RUN_COLUMNS = ["row", "label", "kind", "family", "paper", "k", "seed", "protocol", "mode", "metric", "value",
                "valid_ndcg10", "best_epoch", "epochs_run", "train_seconds", "fisher_seconds", "merge_seconds", "wall_seconds",
                "hardware", "run"]
 
@@ -294,10 +389,10 @@ def collect(dataset_: str | None, profile: str, seeds: list[int], names=None) ->
     found, missing = finished(dataset_, profile, seeds, names)
     records = []
     for (name, s), d in found.items():
-        m = metrics_of(d)
+        m = complete(d)
         r = get_row(name)
         secs = {k: float(m.get(f"{k}_seconds", 0.0)) for k in ("train", "fisher", "merge")}
-        base = dict(row=name, label=r.label, kind=r.kind, paper=r.paper, k=r.k,
+        base = dict(row=name, label=r.label, kind=r.kind, family=r.family, paper=r.paper, k=r.k,
                     seed=s, valid_ndcg10=m.get("valid_ndcg@10"), best_epoch=m.get("best_epoch"),
                     epochs_run=m.get("epochs_run"), train_seconds=secs["train"],
                     fisher_seconds=secs["fisher"], merge_seconds=secs["merge"],
@@ -319,14 +414,36 @@ def checkpoint_files(dataset_: str | None, profile: str, name: str, seed: int) -
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
+def trained_weights(row: Row) -> bool:
+    """Whether a row's weights come out of training (a trained row, or a merge trained further
+    after merging): the runs whose checkpoints are kept, since recomputing them means training."""
+    return row.kind == "train" or bool(row.finetune_epochs)
+
+
+def kept_runs(dataset_: str | None, profile: str, seeds: list[int]) -> dict:
+    """{(row, seed): run dir} of every finished run with trained weights that the profile's rows
+    for `seeds` use, members of other seeds (seed_shift) included."""
+    todo = [(n, s) for s in seeds for n, r in rows().items() if r.runs_in(profile)]
+    seen, out = set(), {}
+    while todo:
+        name, seed = todo.pop()
+        if (name, seed) in seen:
+            continue
+        seen.add((name, seed))
+        todo += get_row(name).needs(seed)
+        d = run_dir(name, dataset_, profile, seed)
+        if trained_weights(get_row(name)) and (d / "metrics.json").is_file():
+            out[(name, seed)] = d
+    return out
+
+
 def keep_checkpoints(dataset_: str | None, profile: str, seeds: list[int]) -> list[Path]:
-    """Copy the best weights and config of every finished trained row into the results folder
-    (results/<dataset>-<profile>/checkpoints/), so a reader can verify the book without
+    """Copy the kept weights (`kept_runs`) and config of every finished run into the results
+    folder (results/<dataset>-<profile>/checkpoints/), so a reader can verify the book without
     retraining. Weights only (no optimizer state); each file lands whole (temporary name, then
     rename)."""
-    found, _ = finished(dataset_, profile, seeds, [n for n, r in rows().items() if r.kind == "train"])
     kept = []
-    for (name, seed), d in sorted(found.items()):
+    for (name, seed), d in sorted(kept_runs(dataset_, profile, seeds).items()):
         for src, dst in zip((d / "model.safetensors", d / "config.json"), checkpoint_files(dataset_, profile, name, seed)):
             data = src.read_bytes()
             if dst.is_file() and dst.read_bytes() == data:

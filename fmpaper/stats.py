@@ -16,8 +16,8 @@ from scipy.stats import wilcoxon
 
 from . import FmpaperError
 from .evaluate import MODES, PROTOCOLS
-from .rows import combined, get_row, trained
-from .runs import dataset_name, finished, metrics_of, user_ndcg
+from .rows import combined, get_row, trained, uniform_of
+from .runs import dataset_name, finished, metrics_of, run_dir, user_ndcg
 
 
 CANDIDATES = 101         # the target and 100 sampled negatives
@@ -113,16 +113,23 @@ def hierarchical_ci(diffs: np.ndarray, n_boot: int = 2000, level: float = 0.95, 
 REFERENCES = ("validation-selected model", "best member on test (oracle)", "uniform merge")
 
 
+# the (protocol, mode) columns compared: `as-run` is left out (its FULL is paper FULL, its
+# POPULAR reads shuffled data and sits at chance by construction), and corrected FULL is paper FULL
+PAIRED_KEYS = tuple(f"{pr}.{m}" for pr in PROTOCOLS for m in MODES
+                    if pr != "as-run" and (pr, m) != ("corrected", "full"))
+
+
 def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None, k: int = 10,
-                 n_boot: int = 2000, level: float = 0.95, alpha: float = 0.05) -> pd.DataFrame:
-    """Per-user NDCG@k of each combined row (merges, ensemble) against three references, under
-    every protocol and mode (corrected FULL is paper FULL: left out):
+                 n_boot: int = 2000, level: float = 0.95, alpha: float = 0.05,
+                 family: str = "scratch") -> pd.DataFrame:
+    """Per-user NDCG@k of each combined row (merges, ensemble) of one family of rows against
+    three references, in every column of PAIRED_KEYS:
 
     - the validation-selected model: the trained row of the paper with the best validation
       NDCG@10, chosen per seed (what a practitioner would deploy instead of merging);
     - the best member on test (an oracle): per seed and column, the merged member with the best
       test mean in that column;
-    - the uniform merge.
+    - the uniform merge of the same members.
 
     Per comparison: the mean difference over seeds and users; a percentile interval that
     resamples seeds and users together (`hierarchical_ci`; users only for one seed; column
@@ -131,9 +138,9 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
     is "better" or "worse" when the adjusted p is below `alpha` and the interval excludes 0 on
     that side, else "not resolved"."""
     found, _ = finished(dataset, profile, seeds)
-    compared = combined() if names is None else list(names)
+    compared = [n for n in combined(family) if get_row(n).runs_in(profile)] if names is None else list(names)
     singles = trained(paper_only=True)                                   # the paper's five
-    keys = [f"{pr}.{m}" for pr in PROTOCOLS for m in MODES if (pr, m) != ("corrected", "full")]
+    keys = PAIRED_KEYS
     cache = {}
 
     def per_user(run, key):
@@ -147,21 +154,24 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
             selected[s] = max(cands)[1]
 
     def reference(ref, name, s, key):
+        """(row, run dir) of the reference for row `name`, seed s, column `key` (None: none)."""
         if ref == REFERENCES[0]:
-            return selected.get(s)
+            r = selected.get(s)
+            return (r, found.get((r, s)))
         if ref == REFERENCES[2]:
-            return "uniform"
-        members = [m for m in get_row(name).members if (m, s) in found]
-        return max(members, key=lambda m: per_user(found[(m, s)], key).mean()) if members else None
+            r = uniform_of(name)
+            return (r, found.get((r, s)))
+        members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in get_row(name).needs(s)]
+        members = [(m, d) for m, d in members if (d / "metrics.json").is_file()]
+        return max(members, key=lambda md: per_user(md[1], key).mean()) if members else (None, None)
     comparisons, diffs = [], []
     for name in compared:
         for ref in REFERENCES:
-            if name == "uniform" and ref == REFERENCES[2]:
+            if ref == REFERENCES[2] and uniform_of(name) is None:   # a uniform merge itself
                 continue
             for key in keys:
-                chosen = [(s, reference(ref, name, s, key)) for s in seeds]
-                pairs = [(found.get((name, s)), found.get((r, s)), r) for s, r in chosen]
-                pairs = [(a, b, r) for a, b, r in pairs if a is not None and b is not None]
+                chosen = [(found.get((name, s)), *reference(ref, name, s, key)) for s in seeds]
+                pairs = [(a, b, r) for a, r, b in chosen if a is not None and b is not None]
                 if not pairs:
                     continue
                 d = np.stack([per_user(a, key) - per_user(b, key) for a, b, _ in pairs])   # (S, U)

@@ -92,15 +92,19 @@ def _resumable(part: Path, cfg: Config) -> bool:
         e = json.loads((part / "state.json").read_text())["epoch"]
     except (OSError, ValueError, KeyError):
         return False
-    return all((part / f).is_file() for f in (f"last-{e}.safetensors", f"adam-{e}.safetensors", "best.safetensors"))
+    needed = [f"last-{e}.safetensors", f"adam-{e}.safetensors", "best.safetensors"]
+    if cfg.cl4srec_inplace:
+        needed.append(f"objective-{e}.safetensors")                      # the overwritten training inputs
+    return all((part / f).is_file() for f in needed)
 
 
 def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | None = None,
           init: dict | None = None, extra: dict | None = None) -> dict:
     """Train `cfg` into run directory `out` (resuming `<out>.partial` if it holds the same config).
-    `init`: start from these weights instead of a fresh initialisation (post-merge fine-tuning);
-    `extra`: more entries for metrics.json. Returns the run's metrics. An existing finished `out`
-    is an error: runs are never overwritten."""
+    `init`: start from these weights instead of a fresh initialisation (a run named by
+    `cfg.init_from`, resolved by the caller, or a merge to fine-tune); `extra`: more entries for
+    metrics.json. Returns the run's metrics. An existing finished `out` is an error: runs are
+    never overwritten."""
     cfg.validate()
     out = Path(out)
     if (out / "model.safetensors").exists():
@@ -126,6 +130,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         model.load_state_dict(load_file(str(part / f"last-{e}.safetensors"), device=str(device)))
         _restore_optimizer(opt, model, load_file(str(part / f"adam-{e}.safetensors")))
     objective = Objective(cfg, data)
+    if state["epoch"] and objective.state():
+        objective.load_state(load_file(str(part / f"objective-{state['epoch']}.safetensors")))
     ex_len = (objective.targets - data.offsets[objective.users]).clamp(max=cfg.max_len)
     n_ex = len(ex_len)
 
@@ -150,6 +156,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         secs = time.perf_counter() - t0
         state["history"].append({"epoch": epoch, "valid_ndcg@10": score, "seconds": secs,
                                  **{k: v / len(steps) for k, v in sums.items()}})
+        if cfg.cl4srec_inplace:
+            state["history"][-1]["mask_fraction"] = objective.mask_fraction(model.mask_id)
         state["seconds"] += secs
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch, bad=0)
@@ -160,17 +168,24 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         # files named by epoch: a kill before state.json lands leaves the previous epoch's intact
         _save_tensors(part / f"last-{epoch}.safetensors", model.state_dict())
         _save_tensors(part / f"adam-{epoch}.safetensors", _optimizer_tensors(opt, model))
+        if objective.state():
+            _save_tensors(part / f"objective-{epoch}.safetensors", objective.state())
         _write_json(part / "state.json", state)                          # the epoch counts once this lands
-        for f in (f"last-{epoch - 1}.safetensors", f"adam-{epoch - 1}.safetensors"):
+        for f in (f"last-{epoch - 1}.safetensors", f"adam-{epoch - 1}.safetensors",
+                  f"objective-{epoch - 1}.safetensors"):
             (part / f).unlink(missing_ok=True)
         if progress:
             print(f"{cfg.variant} epoch {epoch}: loss {state['history'][-1]['loss']:.4f} "
                   f"valid ndcg@10 {score:.4f} ({secs:.1f}s)", flush=True)
 
-    model.load_state_dict(load_file(str(part / "best.safetensors"), device=str(device)))
+    kept, valid = state["best_epoch"], state["best"]
+    if cfg.select == "last":                    # the weights of the last epoch, already in `model`
+        kept, valid = state["epoch"], state["history"][-1]["valid_ndcg@10"]
+    else:
+        model.load_state_dict(load_file(str(part / "best.safetensors"), device=str(device)))
     model.eval()
-    metrics = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-               "valid_ndcg@10": state["best"], "train_seconds": state["seconds"], **(extra or {})}
+    metrics = {"best_epoch": state["best_epoch"], "kept_epoch": kept, "epochs_run": state["epoch"],
+               "valid_ndcg@10": valid, "train_seconds": state["seconds"], **(extra or {})}
     finish_run(part, out, model, data, cfg, metrics, state["history"])
     return metrics
 
@@ -190,7 +205,7 @@ def finish_run(part: Path, out: Path, model: SASRec | None, data: SeqData, cfg: 
         _write_json(part / "history.json", history)
     (part / "config.json").write_text(cfg.to_json())
     for f in [*part.glob("last-*.safetensors"), *part.glob("adam-*.safetensors"),
-              part / "best.safetensors", part / "state.json"]:
+              *part.glob("objective-*.safetensors"), part / "best.safetensors", part / "state.json"]:
         f.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, out)
