@@ -119,7 +119,8 @@ class Row:
                 what += " (trained with seeds " + ", ".join(f"s+{d}" for d in self.seed_shift) + ")"
             if self.finetune_epochs:
                 lr = f" at lr {self.finetune_lr:g}" if self.finetune_lr else ""
-                what += f", then trained {self.finetune_epochs} epochs with CE{lr}, last epoch kept"
+                what += (f", then trained {self.finetune_epochs} epochs (at most the profile's) with CE{lr}, "
+                         "last epoch kept")
         return what
 
 
@@ -149,7 +150,7 @@ def _finetuned(spec: dict, scratch: dict[str, Row]) -> list[Row]:
         common.update(members=tuple(spec["members"]), paper=False, family="finetuned", counterpart=name)
         out.append(Row(**{**common, "name": f"ft_{name}", "label": f"FT: {src.label}"}))
         if src.kind == "merge":
-            out.append(Row(**{**common, "name": f"ft_{name}_tuned", "label": f"FT+{spec['tuned_epochs']}: {src.label}",
+            out.append(Row(**{**common, "name": f"ft_{name}_tuned", "label": f"FT+CE: {src.label}",
                               "finetune_epochs": spec["tuned_epochs"], "finetune_lr": spec["tuned_lr"]}))
     return out
 

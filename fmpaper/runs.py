@@ -301,7 +301,9 @@ def combine(row: Row, member_dirs: list[Path], out: Path, progress: bool = True)
 
 def finetune_config(member: Config, epochs: int, lr: float | None = None) -> Config:
     """The training of a merged model afterwards, as the authors ran it: CE only, `epochs`
-    epochs at `lr` (default: the member's), the last epoch kept."""
+    epochs at `lr` (default: the member's), the last epoch kept. The members' maximum epochs
+    (the profile's) caps it, as it caps every training of a profile."""
+    epochs = min(epochs, member.epochs)
     d = json.loads(member.to_json())
     d.update(variant="sasrec", epochs=epochs, patience=epochs, select="last", lr=lr or member.lr,
              init_from="", cl4srec_inplace=False)
@@ -338,7 +340,7 @@ def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = 
                    members=member_names(member_dirs, out))
     if finetune_epochs:
         ft = finetune_config(cfg, finetune_epochs, finetune_lr)
-        metrics["finetune"] = {"epochs": finetune_epochs, "objective": "sasrec (CE)", "lr": ft.lr, "kept": "last epoch"}
+        metrics["finetune"] = {"epochs": ft.epochs, "objective": "sasrec (CE)", "lr": ft.lr, "kept": "last epoch"}
         return train(ft, out, progress=progress, data=data, init=merged, extra=metrics)
     part = out.with_name(out.name + ".partial")
     part.mkdir(parents=True, exist_ok=True)

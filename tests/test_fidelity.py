@@ -1,5 +1,6 @@
 """The authors' setup as their code ran it: the `as-run` protocol, CL4SRec's in-place
 augmentations, training from another run's weights, and the post-merge training."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -236,7 +237,8 @@ def test_init_from_refuses_missing_unfinished_and_mismatched(tmp_path, base_run,
 
 def test_select_last_keeps_the_last_epoch(tmp_path, base_run, smoke_data):
     member = load_run(base_run, data=smoke_data).cfg
-    cfg = finetune_config(member, epochs=2, lr=1e-4)
+    assert finetune_config(member, epochs=10).epochs == member.epochs == 1   # the profile's cap
+    cfg = finetune_config(dataclasses.replace(member, epochs=5), epochs=2, lr=1e-4)
     assert (cfg.variant, cfg.select, cfg.epochs, cfg.patience, cfg.lr) == ("sasrec", "last", 2, 2, 1e-4)
     m = train(cfg, tmp_path / "ft", progress=False, data=smoke_data,
               init=load_file(str(base_run / "model.safetensors")))

@@ -52,7 +52,7 @@ def test_merge_rows_cached_and_consistent(root):
     for k in merged:
         torch.testing.assert_close(merged[k], sum(s[k] for s in states) / 3)
     ens = run_row("ensemble", profile="smoke", root=root, progress=False)
-    assert set(ens["test"]) == {"paper", "corrected"}
+    assert set(ens["test"]) == {"as-run", "paper", "corrected"}
     # a different seed is a different run
     assert run_dir("uniform", profile="smoke", seed=1, root=root) != run_dir("uniform", profile="smoke", root=root)
 
@@ -106,8 +106,9 @@ def test_merge_then_finetune(root, tmp_path):
     members = [run_dir(m, profile="smoke", root=root) for m in get_row("uniform").members]
     m = merge_runs(members, tmp_path / "ft", finetune_epochs=1, progress=False)
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
-    assert m["finetune"] == {"epochs": 1, "objective": "sasrec (CE)"} and m["method"] == "uniform"
-    assert cfg["variant"] == "sasrec" and cfg["epochs"] == 1 and m["epochs_run"] == 1
+    assert m["finetune"] == {"epochs": 1, "objective": "sasrec (CE)", "lr": 1e-3, "kept": "last epoch"}
+    assert m["method"] == "uniform" and m["kept_epoch"] == 1
+    assert cfg["variant"] == "sasrec" and cfg["epochs"] == 1 and cfg["select"] == "last" and m["epochs_run"] == 1
     with pytest.raises(FmpaperError, match="already holds"):
         merge_runs(members, tmp_path / "ft", progress=False)
 

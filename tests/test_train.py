@@ -27,7 +27,7 @@ def test_smoke_epoch(smoke_runs, variant):
     history = json.loads((run / "history.json").read_text())
     assert metrics["epochs_run"] == 1 and len(history) == 1
     assert history[0]["loss"] > 0 and ("cl" in history[0]) == (variant != "sasrec")
-    for protocol in ("paper", "corrected"):
+    for protocol in ("as-run", "paper", "corrected"):
         for mode in ("full", "uni100", "pop100"):
             m = metrics["test"][protocol][mode]
             assert 0 <= m["ndcg@10"] <= m["hr@10"] <= m["hr@20"] <= 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from fmpaper.runs import run_row
 
 ROWS = ["baseline", "cl4srec", "cl4srec_infonce", "duorec_sup", "duorec_unsup", "duorec_supunsup",
-        "fisher_model_10", "uniform"]
+        "fisher_model_10", "uniform", "cl4srec_as_run", "ft_cl4srec"]
 
 
 def compute(root) -> dict:
