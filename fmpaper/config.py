@@ -109,7 +109,8 @@ class Config:
 # Fields added after runs were first cached; see Config.identity.
 LATER_FIELDS: frozenset = frozenset({"cl4srec_inplace", "init_from", "select"})
 
-# Overrides applied on top of the defaults (which are the paper's protocol).
+# Overrides applied on top of the defaults (which are the paper's protocol); "datasets" holds
+# further overrides for one named dataset under that profile.
 PROFILES: dict[str, dict] = {
     # tiny deterministic ML-100K subset, one epoch: for tests and CI
     "smoke": dict(dataset="ml-100k", max_users=60, epochs=1, patience=1, batch_size=128),
@@ -121,9 +122,13 @@ PROFILES: dict[str, dict] = {
 
 
 def make_config(profile: str = "quick", **overrides) -> Config:
-    """Defaults <- profile <- explicit overrides (None values are ignored)."""
+    """Defaults <- profile <- the profile's settings for the chosen dataset (its "datasets"
+    entry) <- explicit overrides (None values are ignored)."""
     if profile not in PROFILES:
         raise FmpaperError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    values = dict(PROFILES[profile], profile=profile)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = {k: v for k, v in PROFILES[profile].items() if k != "datasets"}
+    values["profile"] = profile
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    values.update(PROFILES[profile].get("datasets", {}).get(explicit.get("dataset", values.get("dataset")), {}))
+    values.update(explicit)
     return Config.from_dict(values)

@@ -43,7 +43,7 @@ from .pages.results import write_tables
 from .rows import get_row, rows
 from .runs import checkpoint_dir, keep_checkpoints, repo_root, results_dir
 
-PAGES = ("data", "results", "figures", "protocols", "anomalies")
+PAGES = ("data", "results", "figures", "protocols", "anomalies", "fidelity")
 # the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
 # folder book/<dataset>-<profile>/ (listed in _toc.yml once it is published)
 MAIN_SET = "ml-100k-quick"
@@ -129,6 +129,7 @@ def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
 # done in these units, so its time estimate does not assume every row costs the same
 TRAIN_COST = {"sasrec": 1.0, "duorec_unsup": 1.9, "duorec_sup": 2.5, "cl4srec": 3.2, "duorec_supunsup": 3.5}
 COMBINE_COST = 0.3          # a merge or ensemble: Fishers of three models and one evaluation
+FINETUNE_COST = 1.0         # training a merge further: a SASRec training of at most the profile's epochs
 
 
 def row_cost(name: str) -> float:
@@ -136,21 +137,35 @@ def row_cost(name: str) -> float:
     two encoder passes instead of three)."""
     r = get_row(name)
     if r.kind != "train":
-        return COMBINE_COST
+        return COMBINE_COST + FINETUNE_COST * bool(r.finetune_epochs)
     cost = TRAIN_COST.get(r.variant, 1.0)
     return cost * 2 / 3 if dict(r.settings).get("cl4srec_ce") is False else cost
 
 
-def _row_plan(names, seeds):
-    """[(seed, row, kind)] in the order to start them: every requested row plus the trained
-    rows it combines; trained rows first, the costliest first."""
-    names = list(rows()) if names is None else list(names)
+def _row_plan(names, seeds, profile: str = "quick"):
+    """[(seed, row, kind)] in the order to start them: every requested row (default: every row
+    that runs in `profile`) for every seed, plus every run it is computed from (`Row.needs`:
+    members, members of other seeds, the run a fine-tuned row starts from), in order of
+    dependency depth, the costliest first within a depth."""
+    names = [n for n, r in rows().items() if r.runs_in(profile)] if names is None else list(names)
     for n in names:
         get_row(n)  # FmpaperError listing the rows for an unknown name
-    names += [m for n in names for m in get_row(n).members if m not in names]
-    names = list(dict.fromkeys(names))
-    names.sort(key=lambda n: (get_row(n).kind != "train", -row_cost(n)))
-    return [(s, n, get_row(n).kind) for s in seeds for n in names]
+    plan, todo = [], [(s, n) for s in seeds for n in names]
+    while todo:
+        s, n = todo.pop(0)
+        if (s, n, get_row(n).kind) not in plan:
+            plan.append((s, n, get_row(n).kind))
+            todo += [(ds, dn) for dn, ds in get_row(n).needs(s)]
+
+    def depth(name):
+        return 1 + max((depth(d) for d, _ in get_row(name).needs(0)), default=-1)
+    plan.sort(key=lambda t: (depth(t[1]), -row_cost(t[1]), t[0]))
+    return plan
+
+
+def _needs(task) -> set:
+    """The plan's tasks that must finish before `task` starts."""
+    return {(s, n, get_row(n).kind) for n, s in get_row(task[1]).needs(task[0])}
 
 
 def _execute_row(task, profile, dataset, folder) -> Path:
@@ -220,9 +235,9 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, pr
              jobs: int = 1) -> list[Path]:
     """Execute the row notebooks, `jobs` at a time (a combined row starts once its members are
     trained); returns the executed notebooks in plan order."""
-    plan = _row_plan(names, seeds)
+    plan = _row_plan(names, seeds, profile)
     folder = results_dir(dataset, profile) / "notebooks"
-    needs = {t: {(t[0], m, "train") for m in get_row(t[1]).members} for t in plan}
+    needs = {t: _needs(t) for t in plan}
     # the bar counts hundredths of a SASRec training (row_cost), so its remaining time is fair
     units = {t: round(100 * row_cost(t[1])) for t in plan}
     done = run_tasks(partial(_execute_row, profile=profile, dataset=dataset, folder=folder), plan, needs,
@@ -329,7 +344,7 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     seed_list = p["seeds"]
     dataset = dataset or make_config(profile).dataset  # explicit in every executed notebook
-    _row_plan(rows, seed_list)  # validate before anything runs
+    _row_plan(rows, seed_list, profile)  # validate before anything runs
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     say(f"fmpaper reproduce: profile {profile}, dataset {p['dataset']}, seeds {seed_list}, {jobs} job(s)")

@@ -27,8 +27,8 @@ from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row
-from .runs import (checkpoint_dir, checkpoint_files, dataset, dataset_name, results_dir, run_dir, run_row,
-                   train_config)
+from .runs import (checkpoint_dir, checkpoint_files, dataset, dataset_name, finetune_config, results_dir, run_dir,
+                   run_row, train_config, trained_weights)
 from .train import finish_run
 
 TOLERANCE = 1e-6
@@ -41,7 +41,13 @@ def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> di
     if not weights.is_file() or not conf.is_file():
         raise FmpaperError(f"no kept checkpoint for row {name} seed {seed} ({weights.name} in {weights.parent})")
     cfg = Config.from_dict(json.loads(conf.read_text()))
-    expected = train_config(get_row(name), dataset_, profile, seed)
+    row = get_row(name)
+    if row.kind == "train":
+        expected = train_config(row, dataset_, profile, seed)
+    else:   # a merge trained further: the training its first member's config implies
+        first, s0 = row.needs(seed)[0]
+        expected = finetune_config(train_config(get_row(first), dataset_, profile, s0), row.finetune_epochs,
+                                   row.finetune_lr)
     got, want = cfg.identity(), expected.identity()
     if got != want:
         diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
@@ -59,6 +65,11 @@ def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> di
     part.mkdir(parents=True, exist_ok=True)
     metrics = {"valid_ndcg@10": valid_ndcg10(model, data), "restored_from": weights.name}
     return finish_run(part, out, model, data, cfg, metrics)
+
+
+def _kind(name: str) -> str:
+    """"train" for a run restored from a kept checkpoint (`runs.trained_weights`), else "combine"."""
+    return "train" if trained_weights(get_row(name)) else "combine"
 
 
 def _combine(name: str, dataset_: str, profile: str, seed: int, root: str) -> dict:
@@ -79,7 +90,7 @@ def compare(expected: pd.DataFrame, name: str, seed: int, metrics: dict) -> list
         if not abs(got - r["value"]) <= TOLERANCE:
             bad.append(f"{name} seed {seed} {r['protocol']} {r['mode']} {r['metric']}: "
                        f"runs.csv {r['value']:.8f}, recomputed {got:.8f}")
-    if get_row(name).kind == "train" and len(lines):
+    if trained_weights(get_row(name)) and len(lines):
         want = float(lines["valid_ndcg10"].iloc[0])
         if not abs(metrics["valid_ndcg@10"] - want) <= TOLERANCE:
             bad.append(f"{name} seed {seed} validation NDCG@10: runs.csv {want:.8f}, "
@@ -101,14 +112,19 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
     expected = pd.read_csv(csv)
     if seeds is not None:
         expected = expected[expected["seed"].isin(seeds)]
-    pairs = expected.drop_duplicates(["row", "seed"])[["row", "kind", "seed"]].itertuples(index=False)
-    tasks = [("train" if kind == "train" else "combine", row, int(seed)) for row, kind, seed in pairs]
-    for _, row, _ in tasks:
-        get_row(row)  # a row runs.csv names must still exist
-    needs = {t: set() if t[0] == "train" else {("train", m, t[2]) for m in get_row(t[1]).members} for t in tasks}
-    missing = sorted({f"{m} seed {seed}" for t in tasks for _, m, seed in needs[t] - set(tasks)})
-    if missing:
-        raise FmpaperError(f"runs.csv has merges whose members it does not list: {', '.join(missing)}")
+    pairs = expected.drop_duplicates(["row", "seed"])[["row", "seed"]].itertuples(index=False)
+    # a run with trained weights is restored from its checkpoint; a merge or ensemble is recomputed
+    # from its members, which are restored too (members of other seeds included)
+    tasks = [(_kind(row), row, int(seed)) for row, seed in pairs]
+    todo = list(tasks)
+    while todo:
+        t = todo.pop()
+        for m, s in ([] if t[0] == "train" else get_row(t[1]).needs(t[2])):
+            dep = (_kind(m), m, s)
+            if dep not in tasks:
+                tasks.append(dep)
+                todo.append(dep)
+    needs = {t: set() if t[0] == "train" else {(_kind(m), m, s) for m, s in get_row(t[1]).needs(t[2])} for t in tasks}
     # in hundredths of a SASRec training (reproduce's units)
     units = {t: round(100 * (EVAL_COST if t[0] == "train" else row_cost(t[1]) if get_row(t[1]).fisher
                              else COMBINE_COST / 10)) for t in tasks}

@@ -24,7 +24,7 @@ from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
 from .. import FmpaperError, __version__
 from ..config import PROFILES
-from ..rows import get_row
+from ..rows import get_row, in_family
 from ..runs import collect, dataset_name, results_dir
 from ..train import hardware
 
@@ -162,9 +162,11 @@ class Provenance:
         return "Provenance: " + self.text()
 
 
-def runs_table(dataset=None, profile="quick", seeds=1, names=None) -> pd.DataFrame:
-    """runs.collect with checked parameters: every finished run's test metrics, long."""
+def runs_table(dataset=None, profile="quick", seeds=1, names=None, family: str | None = "scratch") -> pd.DataFrame:
+    """runs.collect with checked parameters: the test metrics of every finished run of `names`
+    (default: the rows of `family` that run in the profile; family None: every row), long."""
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
+    names = in_family(family, profile) if names is None else names
     return collect(dataset or None, profile, p["seeds"], names)
 
 

@@ -46,51 +46,50 @@ def side_by_side(df: pd.DataFrame, protocol: str, paper: pd.DataFrame | None = N
     return out
 
 
-def format_side_by_side(t: pd.DataFrame, digits: int = 4, paper: str = "paper", delta: bool = True) -> pd.DataFrame:
-    """Strings for display: per quantity the paper's value (column named `paper`), ours as
-    mean ± sd, and the difference Δ when `delta` (only between numbers of the same dataset and
-    protocol)."""
-    def num(x, signed=False):
-        if x is None or not np.isfinite(x):
-            return "–"
-        return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-    cols = {}
-    for q in t.columns.get_level_values(0).unique():
-        cols[(q, paper)] = [num(v) for v in t[(q, "paper")]]
-        cols[(q, "ours")] = [num(m) + (f"±{s:.{digits}f}" if np.isfinite(s) else "")
-                             if np.isfinite(m) else "not run"
-                             for m, s in zip(t[(q, "ours")], t[(q, "sd")])]
-        if delta:
-            cols[(q, "Δ")] = [num(v, True) for v in t[(q, "diff")]]
-    out = pd.DataFrame(cols, index=pd.Index(labels(t.index), name="row"))
-    out.columns = pd.MultiIndex.from_tuples(out.columns)
-    return out
-
-
 PAPER_DATASET = "ml-1m"     # the dataset of the published table
-PAPER_PROTOCOL = "paper"    # the protocol its numbers were computed under
+PAPER_PROTOCOL = "as-run"   # what the authors' code computed: the numbers the paper printed
 
 
-def show_table(df: pd.DataFrame, protocol: str) -> Tables:
-    """The side-by-side tables of one protocol, one per mode (FULL, RANDOM, POPULAR), captioned
-    with their provenance. A difference to the paper is shown only like for like: our runs on the
-    paper's dataset under its protocol."""
-    t = side_by_side(df, protocol, load_paper_table())
-    same = df.attrs.get("dataset") == PAPER_DATASET and protocol == PAPER_PROTOCOL
-    shown = format_side_by_side(t, paper="paper" if same else "paper (ML-1M)", delta=same)
+def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
+    """The paper's table beside ours under the three protocols, one table per mode (FULL,
+    RANDOM, POPULAR); per metric the paper's value, then ours (mean±sd over seeds) under as-run,
+    paper and corrected. FULL is the same under every protocol, so it shows once. A difference Δ
+    to the paper is taken only like for like: our runs on the paper's dataset under as-run."""
+    paper = load_paper_table()
+    same = df.attrs.get("dataset") == PAPER_DATASET
+    tables = {p: side_by_side(df, p, paper) for p in PROTOCOLS}
+    first = tables[PROTOCOLS[0]]
+    paper_name = "paper" if same else "paper (ML-1M)"
+
+    def num(x, signed=False):
+        return "–" if x is None or not np.isfinite(x) else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
+
+    def ours(t, q):
+        return [num(m) + (f"±{sd:.{digits}f}" if np.isfinite(sd) else "") if np.isfinite(m) else "not run"
+                for m, sd in zip(t[(q, "ours")], t[(q, "sd")])]
     seeds = df.attrs.get("seeds", [])
     if same:
-        src = "paper: the published table (ML-1M, one run per row); Δ = ours − paper"
+        src = f"paper: the published table (ML-1M, one run per row); Δ = ours under {PAPER_PROTOCOL} − paper"
     else:
-        src = (f"paper: the published table, for reference only: it is ML-1M under the authors' protocol, "
-               f"ours is {df.attrs.get('dataset')} under the {protocol} protocol, so no difference is taken")
-    note = f"{src}; ours: mean±sd over {len(seeds)} seed(s); † marks reference rows the paper does not have."
-    tables = []
+        src = (f"paper: the published table (ML-1M), for reference only: ours is {df.attrs.get('dataset')}, "
+               f"so no difference is taken")
+    note = (f"{src}; ours: mean±sd over {len(seeds)} seed(s) under each protocol (as-run: what the authors' "
+            f"code computed; paper: their protocol without its side effect; corrected); † marks reference "
+            f"rows the paper does not have.")
+    out = []
     for mode in ("FULL", "RANDOM", "POPULAR"):
-        part = shown[[q for q in shown.columns if q[0].startswith(mode + " ")]]
-        part.columns = pd.MultiIndex.from_tuples([(q.removeprefix(mode + " "), stat) for q, stat in part.columns])
-        tables.append(Captioned(part, f"{mode} under the {protocol} protocol · {provenance(df).short}", note))
-    return Tables(tables)
+        cols = {}
+        for q in [q for q in first.columns.get_level_values(0).unique() if q.startswith(mode + " ")]:
+            metric = q.removeprefix(mode + " ")
+            cols[(metric, paper_name)] = [num(v) for v in first[(q, "paper")]]
+            for p in (PROTOCOLS[:1] if mode == "FULL" else PROTOCOLS):
+                cols[(metric, "ours" if mode == "FULL" else p)] = ours(tables[p], q)
+            if same:
+                cols[(metric, "Δ")] = [num(v, True) for v in tables[PAPER_PROTOCOL][(q, "diff")]]
+        t = pd.DataFrame(cols, index=pd.Index(labels(first.index), name="row"))
+        t.columns = pd.MultiIndex.from_tuples(t.columns)
+        out.append(Captioned(t, f"{mode} · {provenance(df).short}", note))
+    return Tables(out)
 
 
 def column_name(protocol: str, mode: str) -> str:
@@ -184,8 +183,8 @@ def standing(runs: pd.DataFrame, paired: pd.DataFrame) -> Captioned:
 
 def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | None = None,
                  paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Write the long run table, the side-by-side tables (both protocols), the paired tests (CSV
-    and Markdown) and the seconds of every Fisher computation (CSV) under results/<dataset>-<profile>/. Returns a table of the files written."""
+    """Write the long run table, the side-by-side tables (CSV per protocol, Markdown with the
+    three side by side), the paired tests (CSV and Markdown) and the seconds of every Fisher computation (CSV) under results/<dataset>-<profile>/. Returns a table of the files written."""
     seeds = check_params(dataset=dataset, profile=profile, seeds=seeds)["seeds"]
     runs = collect(dataset or None, profile, seeds) if runs is None else runs
     paired = paired_tests(dataset or None, profile, seeds) if paired is None else paired
@@ -198,7 +197,8 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
     def put(name, text):
         (out / name).write_text(text)
         written.append(name)
-    put("runs.csv", runs.to_csv(index=False))
+    # every row of the profile, both families: what `fmpaper verify` recomputes
+    put("runs.csv", collect(dataset or None, profile, seeds).to_csv(index=False))
     for protocol in PROTOCOLS:
         t = side_by_side(runs, protocol)
         flat = t.copy()
@@ -207,8 +207,8 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
         flat.columns = [f"{q} {s}" for q, s in flat.columns]
         flat.insert(0, "label", labels(t.index))
         put(f"table_{protocol}.csv", flat.to_csv())
-        put(f"table_{protocol}.md", header + "".join(f"**{c.caption}**\n\n" + to_markdown(c.table) + f"\n{c.note}\n\n"
-                                                     for c in show_table(runs, protocol).items))
+    put("tables.md", header + "".join(f"**{c.caption}**\n\n" + to_markdown(c.table) + f"\n{c.note}\n\n"
+                                      for c in show_tables(runs).items))
     put("paired.csv", paired.to_csv(index=False))
     md = header
     for ref in REFERENCES:
