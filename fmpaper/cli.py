@@ -138,7 +138,7 @@ def cmd_verify(a) -> None:
 
 def cmd_reproduce(a) -> None:
     reproduce(profile=a.profile, dataset=a.dataset, seeds=_parse_seeds(a.seeds), rows=a.rows,
-              book=not a.no_book, jobs=a.jobs)
+              book=not a.no_book, jobs=a.jobs, compute=not a.pages_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows run at a time, each with cores/jobs threads (2 on a 2-core machine)")
     x.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     x.add_argument("--no-book", action="store_true", help="skip the book build")
+    x.add_argument("--pages-only", action="store_true",
+                   help="compute no row: write the tables and pages from the runs finished so far")
     x.set_defaults(func=cmd_reproduce)
 
     v = sub.add_parser("verify", help="re-evaluate the kept checkpoints and recompute every merge; "

@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from . import FmpaperError
 from .data import SeqData
 from .model import SASRec, trim
 
@@ -73,6 +74,11 @@ def sample_negatives(data: SeqData, mode: str, protocol: str, n: int = 100, seed
     weights = torch.ones(U, V + 1) if mode == "uni" else data.item_counts().double().expand(U, V + 1).clone()
     weights[:, 0] = 0
     weights[user_item_mask(data)] = 0
+    eligible = (weights > 0).sum(1)
+    if int(eligible.min()) < n:
+        u = int(eligible.argmin())
+        raise FmpaperError(f"{data.name}: the corrected protocol draws {n} items a user never interacted with; "
+                           f"user {data.user_tokens[u]} has only {int(eligible[u])}")
     return torch.multinomial(weights, n, replacement=False, generator=gen)
 
 

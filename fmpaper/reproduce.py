@@ -333,10 +333,11 @@ def build_book(book_dir: Path | None = None, output: Path | None = None) -> Path
 
 
 def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=None, book: bool = True,
-              progress: bool = True, jobs: int = 1) -> dict:
+              progress: bool = True, jobs: int = 1, compute: bool = True) -> dict:
     """Every row (for seeds 0..seeds-1, or the listed seeds) through its notebook, `jobs` rows
     at a time, then the book (unless book=False: then only the result tables are written).
-    Returns what was written."""
+    compute=False skips the rows: the pages then show the runs finished so far (and list the
+    missing ones), for a partial result while long trainings go on. Returns what was written."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise FmpaperError(f"jobs must be a positive integer, got {jobs!r}")
     if profile not in PROFILES:
@@ -348,9 +349,10 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     say(f"fmpaper reproduce: profile {profile}, dataset {p['dataset']}, seeds {seed_list}, {jobs} job(s)")
-    notebooks = run_rows(profile, dataset, seed_list, rows, progress, jobs)
-    say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
-        f"{results_dir(dataset, profile) / 'notebooks'}")
+    notebooks = run_rows(profile, dataset, seed_list, rows, progress, jobs) if compute else []
+    if compute:
+        say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
+            f"{results_dir(dataset, profile) / 'notebooks'}")
     kept = keep_checkpoints(dataset, profile, seed_list)
     say(f"{len(kept)} trained checkpoints kept in {checkpoint_dir(dataset, profile)} (`fmpaper verify` reads them)")
     out = {"rows": notebooks, "pages": [], "html": None}

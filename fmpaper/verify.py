@@ -142,7 +142,7 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
         run_tasks(partial(_task, dataset_=dataset_, profile=profile, root=root), tasks, needs, jobs, units,
                   f"verify {dataset_name(dataset_, profile)}-{profile}", "runs", progress, on_done=check)
     return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "runs": len(tasks), "values": checked,
-            "seeds": sorted({t[2] for t in tasks}), "seconds": time.perf_counter() - t0}
+            "seeds": sorted(int(s) for s in set(expected["seed"])), "seconds": time.perf_counter() - t0}
 
 
 def summary(result: dict) -> str:

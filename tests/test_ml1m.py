@@ -19,24 +19,26 @@ from conftest import write_inter
 TITLES = ["One Flew Over the Cuckoo's Nest (1975)", "Fish, The (1999)", '"Great" Escape, The (1963)',
           "Star Wars: Episode IV - A New Hope (1977)", "8 1/2 (1963)", "Amélie (2001)", "M*A*S*H (1970)",
           "Seven (Se7en) (1995)", "City of Lost Children, The (1995)", "Shawshank Redemption, The (1994)",
-          "Léon (1994)", "Heat (1995)"]
+          "Léon (1994)", "Heat (1995)"] + [f"Movie {i}, The ({1950 + i % 50})" for i in range(150)]
 
 
 @pytest.fixture(scope="module")
 def ml1m_like(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     lines = []
-    for u in range(1, 41):
-        n = int(torch.randint(6, 12, (1,), generator=g))
-        picks = torch.randperm(len(TITLES), generator=g)[:n]
+    for u in range(1, 121):
+        n = int(torch.randint(6, 14, (1,), generator=g))
+        picks = torch.cat([torch.randperm(12, generator=g)[:3], 12 + torch.randperm(150, generator=g)[:n - 3]])
         lines += [(f"1m_{u}", TITLES[int(i)], 978300000 + 17 * t) for t, i in enumerate(picks)]
     return write_inter(tmp_path_factory.mktemp("ml1m") / "ml-1m-like.inter", lines)
 
 
 def test_titles_as_item_ids_load_intact(ml1m_like):
-    d = load(str(ml1m_like))
-    assert d.n_users == 40 and set(d.item_tokens) <= set(TITLES) and len(d.item_tokens) == d.n_items
-    assert d.user_tokens[:3] == ["1m_1", "1m_10", "1m_11"]              # string order, as RecBole's tokens
+    d = load(str(ml1m_like), min_count=1)
+    assert d.n_users == 120 and set(d.item_tokens) <= set(TITLES) and len(d.item_tokens) == d.n_items
+    in_file = {line.split("\t")[1] for line in ml1m_like.read_text().splitlines()[1:]}
+    assert d.n_items == len(in_file) and set(d.item_tokens) == in_file
+    assert d.user_tokens[:3] == ["1m_1", "1m_10", "1m_100"]              # string order, as RecBole's tokens
     assert d.item_tokens == sorted(d.item_tokens)
     # every title survives the tab-separated reading, commas, quotes and apostrophes included
     assert '"Great" Escape, The (1963)' in d.item_tokens and "One Flew Over the Cuckoo's Nest (1975)" in d.item_tokens
@@ -44,11 +46,11 @@ def test_titles_as_item_ids_load_intact(ml1m_like):
 
 def test_train_evaluate_merge_on_ml1m_format(ml1m_like, tmp_path):
     from fmpaper.runs import merge_runs
-    d = load(str(ml1m_like))
+    d = load(str(ml1m_like), min_count=1)
     runs = []
     for v in ("duorec_unsup", "duorec_sup"):
         out = tmp_path / v
-        m = train(make_config("smoke", variant=v, dataset=str(ml1m_like), max_users=0), out, progress=False, data=d)
+        m = train(make_config("smoke", variant=v, dataset=str(ml1m_like), max_users=0, min_count=1), out, progress=False, data=d)
         assert set(m["test"]) == {"as-run", "paper", "corrected"}
         runs.append(out)
     merged = merge_runs(runs, tmp_path / "uniform", progress=False)
@@ -71,7 +73,7 @@ def test_merging_runs_of_two_datasets_is_refused(ml1m_like, tmp_path, smoke_data
     from fmpaper.runs import merge_runs
     a, b = tmp_path / "a", tmp_path / "b"
     train(make_config("smoke"), a, progress=False, data=smoke_data)
-    train(make_config("smoke", dataset=str(ml1m_like), max_users=0), b, progress=False)
+    train(make_config("smoke", dataset=str(ml1m_like), max_users=0, min_count=1), b, progress=False)
     with pytest.raises(FmpaperError, match="cannot merge b .dataset"):
         merge_runs([a, b], tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()

@@ -178,8 +178,8 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
     for p in out["rows"]:
         assert p.parent == folder / "notebooks"
         assert not [o for o in outputs(p) if o["output_type"] == "error"]
-    for name in ("runs.csv", "table_paper.csv", "table_paper.md", "table_corrected.csv", "paired.csv", "paired.md",
-                 "fisher_costs.csv"):
+    for name in ("runs.csv", "table_as-run.csv", "table_paper.csv", "table_corrected.csv", "tables.md", "paired.csv",
+                 "paired.md", "fisher_costs.csv"):
         assert (folder / name).is_file(), name
 
 
@@ -289,11 +289,16 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
     kept = keep_checkpoints("ml-100k", "smoke", [0])
-    assert len(kept) == 6 and all(p.with_suffix(".json").is_file() for p in kept)
+    # 6 trained rows of the table, cl4srec_as_run, 4 fine-tuned objectives, 12 merges trained
+    # further, and the two members of other seeds that the three-seed merges use
+    assert len(kept) == 25 and all(p.with_suffix(".json").is_file() for p in kept)
+    names = {p.stem for p in kept}
+    assert {"ft_uniform_tuned-s0", "duorec_sup-s1", "duorec_supunsup-s2", "cl4srec_as_run-s0"} <= names
     assert not list(checkpoint_dir("ml-100k", "smoke").glob("*.tmp"))
     ok = fm_cli("verify", "--dataset", "ml-100k", "--profile", "smoke")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stdout.startswith("verified 19 runs of ml-100k-smoke (seeds 0): all 456 values") and \
+    # 51 rows of runs.csv plus the 2 members of other seeds; 36 values per row (3 protocols x 3 modes x 4)
+    assert ok.stdout.startswith("verified 53 runs of ml-100k-smoke (seeds 0): all 1836 values") and \
         ok.stdout.count("\n") == 1
 
     def fails(message):

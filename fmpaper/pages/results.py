@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import kendalltau
+from scipy.stats import binomtest, kendalltau
 
 from .. import FmpaperError
 from ..config import make_config
 from ..evaluate import PROTOCOLS
 from ..rows import labels, row_order
-from ..runs import PAPER_COLUMNS, collect, load_paper_table, results_dir
+from ..runs import PAPER_COLUMNS, collect, dataset_name, load_paper_table, metrics_of, results_dir, run_dir
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
 from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, provenance, seeds_text, to_markdown
 from .figures import fisher_costs
@@ -279,3 +279,47 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
             f"profiles' orders of the {int(ok.sum())} rows both have: {tau:+.2f}. sd is over seeds "
             f"(empty for one seed).")
     return Captioned(t.round(4), f"{label} of every row under each training profile", note)
+
+
+def batch_grouping(dataset=None, profile="quick", seeds=(0, 1), names=("duorec_unsup", "cl4srec"),
+                   noise_seeds=None) -> Captioned:
+    """Validation NDCG@10 of rows trained with batches grouped by length (the default) and with
+    random batches (`group_by_length=false`, runs made with that override), per seed; the mean
+    difference set against the seed-to-seed sd of the grouped runs over `noise_seeds` (default:
+    every seed with a finished grouped run among 0..9)."""
+    recs, verdicts = {}, []
+    for name in names:
+        grouped = {s: run_dir(name, dataset, profile, s) for s in range(10)}
+        grouped = {s: d for s, d in grouped.items() if (d / "metrics.json").is_file()}
+        pool = [metrics_of(grouped[s])["valid_ndcg@10"] for s in (noise_seeds or grouped)]
+        sd = float(np.std(pool, ddof=1)) if len(pool) > 1 else float("nan")
+        diffs = []
+        for s in seeds:
+            rnd = run_dir(name, dataset, profile, s, group_by_length=False)
+            if s not in grouped or not (rnd / "metrics.json").is_file():
+                continue
+            a, b = metrics_of(grouped[s]), metrics_of(rnd)
+            diffs.append(b["valid_ndcg@10"] - a["valid_ndcg@10"])
+            recs[(labels([name])[0], f"seed {s}")] = {
+                "grouped": f"{a['valid_ndcg@10']:.4f}", "random batches": f"{b['valid_ndcg@10']:.4f}",
+                "difference": f"{diffs[-1]:+.4f}"}
+        if diffs:
+            mean = float(np.mean(diffs))
+            within = np.isfinite(sd) and abs(mean) <= 2 * sd
+            verdicts.append(f"{labels([name])[0]}: mean difference {mean:+.4f} over {len(diffs)} seed(s), seed sd "
+                            f"{sd:.4f} over {len(pool)} grouped runs: "
+                            + ("within seed noise" if within else "beyond seed noise"))
+    if not recs:
+        return Captioned(pd.DataFrame(), "Batches grouped by length against random batches",
+                         "no run with group_by_length=false yet (fmpaper train --set group_by_length=false)")
+    t = pd.DataFrame(recs).T
+    t.index.names = ["row", "seed"]
+    ups = sum(float(v["difference"]) > 0 for v in recs.values())
+    verdicts.append(f"random batches scored higher in {ups} of {len(recs)} pairs (two-sided sign test "
+                    f"p = {binomtest(ups, len(recs)).pvalue:.2g})")
+    note = ("validation NDCG@10 at the kept epoch; the difference is random − grouped. "
+            "Within seed noise: |mean difference| ≤ 2 × the sd of the grouped runs between seeds (the sd "
+            "of a difference of two independent runs, averaged over two seeds, is about that sd). "
+            + "; ".join(verdicts) + ".")
+    return Captioned(t, f"Batches grouped by length against random batches · {dataset_name(dataset, profile)} · "
+                        f"profile {profile}", note)
