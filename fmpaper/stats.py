@@ -189,9 +189,14 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
     if not comparisons:
         out = pd.DataFrame(columns=cols)
     else:
-        if len({d.shape for d in diffs}) != 1:
-            raise FmpaperError("runs disagree on the number of test users or seeds; were they made from the same data?")
-        ci = hierarchical_ci(np.stack(diffs, 2), n_boot, level)
+        if len({d.shape[1] for d in diffs}) != 1:
+            raise FmpaperError("runs disagree on the number of test users; were they made from the same data?")
+        # comparisons with the same number of seeds are resampled together (a row not finished
+        # for every seed yet has fewer)
+        ci = np.empty((len(diffs), 2))
+        for n_seeds in sorted({d.shape[0] for d in diffs}):
+            idx = [i for i, d in enumerate(diffs) if d.shape[0] == n_seeds]
+            ci[idx] = hierarchical_ci(np.stack([diffs[i] for i in idx], 2), n_boot, level)
         out = pd.DataFrame(comparisons)
         out["ci_low"], out["ci_high"] = ci[:, 0], ci[:, 1]
         out["p_holm"] = holm(out["p_wilcoxon"])
