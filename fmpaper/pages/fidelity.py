@@ -22,7 +22,7 @@ import pandas as pd
 from ..rows import get_row, in_family, labels, row_order, rows
 from ..runs import finished, load_paper_table
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, paired_tests
-from .display import Captioned, Text, empty, figure, provenance, style, PALETTE
+from .display import PALETTE, Captioned, Text, empty, figure, provenance, seeds_text, style
 
 
 def _means(df: pd.DataFrame, protocol: str, mode: str, metric: str) -> pd.DataFrame:
@@ -151,58 +151,64 @@ def plot_mask_fraction(frac: pd.DataFrame, gamma: float = 0.3, caption: str | No
 
 # ----------------------------------------------------------------------------- fine-tuned copies
 
-def closeness(scratch: pd.DataFrame, tuned: pd.DataFrame) -> Captioned:
-    """Each trained and combined recipe's FULL NDCG@10 minus SASRec's, from scratch and as the
-    authors ran it (fine-tuned copies of SASRec), beside the paper's."""
-    paper = load_paper_table()["full_ndcg10"]
+def _gaps(df: pd.DataFrame, base: pd.DataFrame) -> pd.Series:
+    """Per row: FULL NDCG@10 minus that of SASRec of the same seed, averaged over the row's seeds."""
+    def full(d):
+        d = d[(d["protocol"] == "paper") & (d["mode"] == "full") & (d["metric"] == "ndcg@10")]
+        return d.set_index(["row", "seed"])["value"]
+    rows_, sasrec = full(df), full(base[base["row"] == "baseline"]).droplevel("row")
+    gap = rows_ - sasrec.reindex(rows_.index.get_level_values("seed")).to_numpy()
+    return gap.groupby(level="row").mean()
 
-    def gap(df):
-        full = df[(df["protocol"] == "paper") & (df["mode"] == "full") & (df["metric"] == "ndcg@10")]
-        return full.groupby("row")["value"].mean()
-    a, b = gap(scratch), gap(tuned)
-    base_a = a.get("baseline", np.nan)
-    base_b = b.get("baseline", base_a)
+
+def _seeds(df: pd.DataFrame) -> str:
+    return seeds_text(sorted(df["seed"].unique())) if len(df) else "none"
+
+
+def closeness(scratch: pd.DataFrame, tuned: pd.DataFrame) -> Captioned:
+    """Each trained and combined recipe's FULL NDCG@10 minus SASRec's of the same seed, from
+    scratch and as the authors ran it (fine-tuned copies of SASRec), beside the paper's."""
+    paper = load_paper_table()["full_ndcg10"]
+    a, b = _gaps(scratch, scratch), _gaps(tuned, scratch)
     recs = {}
     for name in in_family("finetuned"):
         r = get_row(name)
         src = r.counterpart
         key = labels([src])[0] + (" + CE after merging" if r.finetune_epochs else "")
         recs[key] = {"paper": f"{paper[src] - paper['baseline']:+.4f}" if src in paper.index else "–",
-                     "from scratch": f"{a[src] - base_a:+.4f}" if src in a.index and not r.finetune_epochs else "–",
-                     "fine-tuned copies": f"{b[name] - base_b:+.4f}" if name in b.index else "not run"}
+                     "from scratch": f"{a[src]:+.4f}" if src in a.index and not r.finetune_epochs else "–",
+                     "fine-tuned copies": f"{b[name]:+.4f}" if name in b.index else "not run"}
     t = pd.DataFrame(recs).T
     t.index.name = "recipe"
-    note = ("FULL NDCG@10 of the recipe minus that of SASRec of the same seed set (mean over seeds); paper: its "
-            "row minus its SASRec row (ML-1M). Fine-tuned copies start from that SASRec.")
+    note = (f"FULL NDCG@10 of the recipe minus that of SASRec of the same seed, averaged over seeds (from scratch: "
+            f"seeds {_seeds(scratch)}; fine-tuned copies: seeds {_seeds(tuned)}); paper: its row minus its SASRec row "
+            f"(ML-1M). Fine-tuned copies start from that SASRec.")
     return Captioned(t, f"Distance to SASRec, from scratch and fine-tuned · {provenance(scratch).short}", note)
 
 
 def closeness_summary(scratch: pd.DataFrame, tuned: pd.DataFrame) -> Text:
     """The largest distance to SASRec among the DuoRec rows and the merges: paper vs ours."""
     paper = load_paper_table()["full_ndcg10"]
-    rowsset = [n for n in paper.index if n != "baseline" and n != "cl4srec"]
+    rowsset = [n for n in paper.index if n not in ("baseline", "cl4srec")]
     p = (paper[rowsset] - paper["baseline"]).abs().max()
-
-    def worst(df, names):
-        full = df[(df["protocol"] == "paper") & (df["mode"] == "full") & (df["metric"] == "ndcg@10")]
-        m = full.groupby("row")["value"].mean()
-        names = [n for n in names if n in m.index]
-        return (m[names] - m.get("baseline", np.nan)).abs().max() if names else np.nan, len(names)
-    s, ns = worst(scratch, rowsset)
-    ft_names = [n for n in in_family("finetuned") if get_row(n).counterpart in rowsset]
-    base = tuned if "baseline" in set(tuned["row"]) else pd.concat([tuned, scratch[scratch["row"] == "baseline"]])
-    f, nf = worst(base, ft_names)
-    return Text(f"Largest distance of a DuoRec row or a merge from SASRec (FULL NDCG@10): the paper {p:.4f} over "
-                f"{len(rowsset)} rows; ours from scratch {s:.4f} over {ns} rows; ours as fine-tuned copies "
-                + (f"{f:.4f} over {nf} rows." if nf else "not run yet."))
+    a, b = _gaps(scratch, scratch), _gaps(tuned, scratch)
+    a = a.reindex([n for n in rowsset if n in a.index]).abs()
+    b = b.reindex([n for n in in_family("finetuned") if get_row(n).counterpart in rowsset and n in b.index]).abs()
+    ours = (f"from scratch {a.max():.4f} over {len(a)} rows (seeds {_seeds(scratch)})" if len(a) else "from scratch: not run")
+    ft = (f"as fine-tuned copies {b.max():.4f} over {len(b)} rows (seeds {_seeds(tuned)})" if len(b) else
+          "as fine-tuned copies: not run yet")
+    return Text(f"Largest distance of a DuoRec row or a merge from SASRec of the same seed (FULL NDCG@10): the "
+                f"paper {p:.4f} over {len(rowsset)} rows; ours {ours}; ours {ft}.")
 
 
 def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
     """Per merge recipe and family: the FULL NDCG@10 difference to the best member on test
     (an oracle), with its verdict (Holm over each family's own comparisons)."""
-    cols = {}
+    cols, used = {}, {}
     for family, title in (("scratch", "members trained from scratch"), ("finetuned", "fine-tuned copies")):
         paired = paired_tests(dataset, profile, list(seeds), family=family)
+        found, _ = finished(dataset, profile, list(seeds), in_family(family))
+        used[title] = {s for _, s in found}
         sub = paired[(paired["reference"] == "best member on test (oracle)") & (paired["protocol"] == "paper")
                      & (paired["mode"] == "full")]
         for _, r in sub.iterrows():
@@ -217,7 +223,8 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
                      index=pd.Index(labels(order), name="recipe"))
     note = ("Per-user FULL NDCG@10 of the merge minus that of its best member on test (chosen per seed), mean over "
             "seeds and users; verdict from the Holm-adjusted Wilcoxon p and the bootstrap interval, as on the "
-            "results page, each family adjusted over its own comparisons.")
+            "results page, each family adjusted over its own comparisons. Seeds: "
+            + "; ".join(f"{fam} {', '.join(map(str, sorted(s)))}" for fam, s in used.items()) + ".")
     return Captioned(t, "Do merges beat their members?", note)
 
 
