@@ -1,7 +1,6 @@
 """The ML-1M code paths, without ML-1M: a small synthetic .inter in ML-1M's token format (user
 tokens "1m_<n>", movie titles as item ids), the per-dataset profile settings, and the bad
 inputs a mixed-dataset session can produce."""
-import json
 import subprocess
 import sys
 

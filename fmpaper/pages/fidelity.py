@@ -19,7 +19,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from ..rows import get_row, in_family, labels, row_order, rows
+from ..rows import get_row, in_family, labels, row_order
 from ..runs import finished, load_paper_table
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, paired_tests
 from .display import PALETTE, Captioned, Text, empty, figure, provenance, seeds_text, style
