@@ -21,14 +21,8 @@ import pandas as pd
 
 from ..rows import get_row, in_family, labels, row_order
 from ..runs import finished, load_paper_table
-from ..stats import CANDIDATES, chance_ndcg, chance_sd, paired_tests
+from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds, paired_tests
 from .display import PALETTE, Captioned, Text, empty, figure, provenance, seeds_text, style
-
-
-def _means(df: pd.DataFrame, protocol: str, mode: str, metric: str) -> pd.DataFrame:
-    """Per row: mean and sd over seeds of one column (index: rows present in df)."""
-    sub = df[(df["protocol"] == protocol) & (df["mode"] == mode) & (df["metric"] == metric)]
-    return sub.groupby("row")["value"].agg(["mean", "std", "count"])
 
 
 def _cell(mean: float, sd: float) -> str:
@@ -46,7 +40,7 @@ def popular(df: pd.DataFrame) -> Captioned:
     names = row_order(set(df["row"]))
     t = {}
     for k, col in ((10, "popular_ndcg10"), (20, "popular_ndcg20")):
-        off, on = _means(df, "paper", "pop100", f"ndcg@{k}"), _means(df, "as-run", "pop100", f"ndcg@{k}")
+        off, on = mean_over_seeds(df, "paper", "pop100", f"ndcg@{k}"), mean_over_seeds(df, "as-run", "pop100", f"ndcg@{k}")
         t[(f"NDCG@{k}", "paper (ML-1M)")] = [f"{paper[col][n]:.4f}" if n in paper.index else "–" for n in names]
         t[(f"NDCG@{k}", "switch off (paper)")] = [_cell(off["mean"].get(n, np.nan), off["std"].get(n, np.nan)) for n in names]
         t[(f"NDCG@{k}", "switch on (as-run)")] = [_cell(on["mean"].get(n, np.nan), on["std"].get(n, np.nan)) for n in names]
@@ -67,7 +61,7 @@ def popular_summary(df: pd.DataFrame, users: int) -> Text:
     paper = load_paper_table()["popular_ndcg10"]
     parts = []
     for protocol, what in (("as-run", "with the side effect"), ("paper", "without it")):
-        m = _means(df, protocol, "pop100", "ndcg@10")["mean"]
+        m = mean_over_seeds(df, protocol, "pop100", "ndcg@10")["mean"]
         se = chance_sd(CANDIDATES, 10) / np.sqrt(users * seeds.reindex(m.index))
         z = (m - chance_ndcg(CANDIDATES, 10)) / se
         parts.append(f"{what}, {int((z.abs() < 3).sum())} of {len(z)} rows lie within 3 standard errors of chance "
@@ -81,7 +75,7 @@ def random_blocks(df: pd.DataFrame) -> Captioned:
     """RANDOM NDCG@10 per row with negatives drawn with replacement (`paper`) and as consecutive
     blocks of one shuffled list (`as-run`), and the difference."""
     names = row_order(set(df["row"]))
-    off, on = _means(df, "paper", "uni100", "ndcg@10"), _means(df, "as-run", "uni100", "ndcg@10")
+    off, on = mean_over_seeds(df, "paper", "uni100", "ndcg@10"), mean_over_seeds(df, "as-run", "uni100", "ndcg@10")
     t = pd.DataFrame({"with replacement (paper)": [_cell(off["mean"].get(n, np.nan), off["std"].get(n, np.nan)) for n in names],
                       "blocks of one list (as-run)": [_cell(on["mean"].get(n, np.nan), on["std"].get(n, np.nan)) for n in names],
                       "difference": [f"{on['mean'].get(n, np.nan) - off['mean'].get(n, np.nan):+.4f}" for n in names]},
