@@ -162,6 +162,8 @@ class Objective:
     def __init__(self, cfg: Config, data: SeqData):
         self.cfg, self.data = cfg, data
         self.targets, self.users = data.train_targets()
+        # input length of every training example: its history before the target, at most max_len
+        self.lengths = (self.targets - data.offsets[self.users]).clamp(max=cfg.max_len)   # (n_examples,)
         v = cfg.variant
         self.semantic = SemanticPositives(data.items[self.targets]) if v in ("duorec_sup", "duorec_supunsup") else None
         # cl4srec_inplace: every training example stored as its own row (as RecBole stores each
@@ -184,8 +186,7 @@ class Objective:
         """Share of the stored training positions that hold the mask token (0 when nothing is stored)."""
         if self.stored is None:
             return 0.0
-        lengths = (self.targets - self.data.offsets[self.users]).clamp(max=self.cfg.max_len)
-        return float((self.stored == mask_id).sum()) / float(lengths.sum())
+        return float((self.stored == mask_id).sum()) / float(self.lengths.sum())
 
     @staticmethod
     def encode(model: SASRec, views: list) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ from . import FmpaperError, first_line
 from .config import PROFILES, make_config
 from .pages.display import check_params
 from .pages.results import write_tables
-from .rows import get_row, rows
+from .rows import get_row, in_family, with_needs
 from .runs import checkpoint_dir, keep_checkpoints, repo_root, results_dir
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies", "fidelity")
@@ -147,15 +147,10 @@ def _row_plan(names, seeds, profile: str = "quick"):
     that runs in `profile`) for every seed, plus every run it is computed from (`Row.needs`:
     members, members of other seeds, the run a fine-tuned row starts from), in order of
     dependency depth, the costliest first within a depth."""
-    names = [n for n, r in rows().items() if r.runs_in(profile)] if names is None else list(names)
+    names = in_family(None, profile) if names is None else list(names)
     for n in names:
         get_row(n)  # FmpaperError listing the rows for an unknown name
-    plan, todo = [], [(s, n) for s in seeds for n in names]
-    while todo:
-        s, n = todo.pop(0)
-        if (s, n, get_row(n).kind) not in plan:
-            plan.append((s, n, get_row(n).kind))
-            todo += [(ds, dn) for dn, ds in get_row(n).needs(s)]
+    plan = [(s, n, get_row(n).kind) for n, s in with_needs((n, s) for s in seeds for n in names)]
 
     def depth(name):
         return 1 + max((depth(d) for d, _ in get_row(name).needs(0)), default=-1)

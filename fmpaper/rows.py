@@ -194,6 +194,22 @@ def labels(names) -> list[str]:
     return [rows()[n].short_label if n in rows() else n for n in names]
 
 
+def with_needs(pairs, expand=lambda row: True) -> list[tuple[str, int]]:
+    """The (row, seed) pairs and, transitively, every run they are computed from (`Row.needs`:
+    members, members of other seeds, the run a fine-tuned row starts from), each once, in the
+    order found; `expand(row)` says whether a row's own needs are followed."""
+    out, seen, todo = [], set(), list(pairs)
+    while todo:
+        name, seed = todo.pop(0)
+        if (name, seed) in seen:
+            continue
+        seen.add((name, seed))
+        out.append((name, seed))
+        if expand(get_row(name)):
+            todo += get_row(name).needs(seed)
+    return out
+
+
 def in_family(family: str | None, profile: str | None = None) -> list[str]:
     """Rows of one family ("scratch", "finetuned"; None: every row) that run in `profile`."""
     return [n for n, r in rows().items()
@@ -204,9 +220,9 @@ def trained(paper_only: bool = False, family: str | None = "scratch") -> list[st
     return [n for n in in_family(family) if rows()[n].kind == "train" and (rows()[n].paper or not paper_only)]
 
 
-def combined(family: str | None = "scratch") -> list[str]:
-    """The merge and ensemble rows."""
-    return [n for n in in_family(family) if rows()[n].kind != "train"]
+def combined(family: str | None = "scratch", profile: str | None = None) -> list[str]:
+    """The merge and ensemble rows (of those that run in `profile`, when given)."""
+    return [n for n in in_family(family, profile) if rows()[n].kind != "train"]
 
 
 def fisher_merges(family: str | None = "scratch") -> list[str]:

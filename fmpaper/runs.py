@@ -34,7 +34,7 @@ from .data import SeqData, cache_dir
 from .evaluate import PROTOCOLS, metrics_from_ranks, ndcg, ranks
 from .fisher import compute_fisher, load_fisher, save_fisher
 from .merge import fisher_merge, uniform_merge
-from .rows import FisherSpec, Row, get_row, rows
+from .rows import FisherSpec, Row, get_row, in_family, rows, with_needs
 from .train import finish_run, hardware, load_data, load_run, train
 
 PAPER_TABLE = Path(__file__).with_name("paper") / "table.csv"
@@ -187,6 +187,11 @@ def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed
 SHARED_FIELDS = ("dataset", "max_users", "min_count", "max_len", "hidden", "n_layers", "n_heads", "inner")
 
 
+def unshared_field(a: Config, b: Config) -> str | None:
+    """The first of SHARED_FIELDS in which two configs differ (None: they can be combined)."""
+    return next((f for f in SHARED_FIELDS if getattr(a, f) != getattr(b, f)), None)
+
+
 def base_dir(cfg: Config) -> Path:
     """The run `cfg.init_from` names: a row (same dataset, profile and seed) or a run directory."""
     if cfg.init_from in rows():
@@ -203,10 +208,10 @@ def start_weights(cfg: Config, base: Path) -> dict:
         state = "unfinished" if base.with_name(base.name + ".partial").exists() or base.exists() else "missing"
         raise FmpaperError(f"init_from: run {base} is {state} (train it first: it needs a metrics.json)")
     run = load(base)
-    for field in SHARED_FIELDS:
-        a, b = getattr(run.cfg, field), getattr(cfg, field)
-        if a != b:
-            raise FmpaperError(f"init_from: {base.name} has {field} = {a!r}, this run needs {b!r}")
+    field = unshared_field(run.cfg, cfg)
+    if field:
+        raise FmpaperError(f"init_from: {base.name} has {field} = {getattr(run.cfg, field)!r}, "
+                           f"this run needs {getattr(cfg, field)!r}")
     state = {k: v.clone() for k, v in run.model.state_dict().items()}
     if cfg.variant == "cl4srec":
         state["item_emb.weight"][run.model.mask_id] = 0.0
@@ -328,10 +333,10 @@ def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = 
     runs = [load(d) for d in member_dirs]
     cfg, data = runs[0].cfg, runs[0].data
     for d, r in zip(member_dirs[1:], runs[1:]):
-        for field in SHARED_FIELDS:
-            if getattr(r.cfg, field) != getattr(cfg, field):
-                raise FmpaperError(f"cannot merge {Path(d).name} ({field} = {getattr(r.cfg, field)!r}) with "
-                                   f"{Path(member_dirs[0]).name} ({field} = {getattr(cfg, field)!r})")
+        field = unshared_field(r.cfg, cfg)
+        if field:
+            raise FmpaperError(f"cannot merge {Path(d).name} ({field} = {getattr(r.cfg, field)!r}) with "
+                               f"{Path(member_dirs[0]).name} ({field} = {getattr(cfg, field)!r})")
     t0 = time.perf_counter()
     states = [r.model.state_dict() for r in runs]
     merged = uniform_merge(states) if fishers is None else fisher_merge(states, fishers, lambdas, floor)
@@ -354,7 +359,7 @@ def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = 
 def finished(dataset_, profile, seeds, names=None) -> tuple[dict, list]:
     """({(row, seed): finished run dir}, [missing 'row' or 'row (seed s)']) over `names`
     (default: every row that runs in `profile`)."""
-    names = list(names) if names is not None else [n for n, r in rows().items() if r.runs_in(profile)]
+    names = list(names) if names is not None else in_family(None, profile)
     found, missing = {}, []
     for s in seeds:
         for name in names:
@@ -425,14 +430,8 @@ def trained_weights(row: Row) -> bool:
 def kept_runs(dataset_: str | None, profile: str, seeds: list[int]) -> dict:
     """{(row, seed): run dir} of every finished run with trained weights that the profile's rows
     for `seeds` use, members of other seeds (seed_shift) included."""
-    todo = [(n, s) for s in seeds for n, r in rows().items() if r.runs_in(profile)]
-    seen, out = set(), {}
-    while todo:
-        name, seed = todo.pop()
-        if (name, seed) in seen:
-            continue
-        seen.add((name, seed))
-        todo += get_row(name).needs(seed)
+    out = {}
+    for name, seed in with_needs((n, s) for s in seeds for n in in_family(None, profile)):
         d = run_dir(name, dataset_, profile, seed)
         if trained_weights(get_row(name)) and (d / "metrics.json").is_file():
             out[(name, seed)] = d
@@ -451,8 +450,6 @@ def keep_checkpoints(dataset_: str | None, profile: str, seeds: list[int]) -> li
             if dst.is_file() and dst.read_bytes() == data:
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, dst)
+            _replace(dst, lambda tmp: tmp.write_bytes(data))
         kept.append(checkpoint_files(dataset_, profile, name, seed)[0])
     return kept

@@ -138,7 +138,7 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
     is "better" or "worse" when the adjusted p is below `alpha` and the interval excludes 0 on
     that side, else "not resolved"."""
     found, _ = finished(dataset, profile, seeds)
-    compared = [n for n in combined(family) if get_row(n).runs_in(profile)] if names is None else list(names)
+    compared = combined(family, profile) if names is None else list(names)
     singles = trained(paper_only=True)                                   # the paper's five
     keys = PAIRED_KEYS
     cache = {}

@@ -132,8 +132,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
     objective = Objective(cfg, data)
     if state["epoch"] and objective.state():
         objective.load_state(load_file(str(part / f"objective-{state['epoch']}.safetensors")))
-    ex_len = (objective.targets - data.offsets[objective.users]).clamp(max=cfg.max_len)
-    n_ex = len(ex_len)
+    n_ex = len(objective.lengths)
 
     while state["epoch"] < cfg.epochs and state["bad"] < cfg.patience:
         epoch = state["epoch"] + 1
@@ -142,7 +141,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)    # shuffling and augmentations
         model.train()
         sums: dict[str, float] = {}
-        steps = batches(n_ex, cfg.batch_size, gen, ex_len if cfg.group_by_length else None)
+        steps = batches(n_ex, cfg.batch_size, gen, objective.lengths if cfg.group_by_length else None)
         bar = tqdm(steps, desc=f"{cfg.variant} epoch {epoch}", disable=not progress, leave=False)
         for ex in bar:
             terms = objective(model, ex, gen)

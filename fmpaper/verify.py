@@ -26,7 +26,7 @@ from .config import Config
 from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
-from .rows import get_row
+from .rows import get_row, with_needs
 from .runs import (checkpoint_dir, checkpoint_files, dataset, dataset_name, finetune_config, results_dir, run_dir,
                    run_row, train_config, trained_weights)
 from .train import finish_run
@@ -115,15 +115,8 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
     pairs = expected.drop_duplicates(["row", "seed"])[["row", "seed"]].itertuples(index=False)
     # a run with trained weights is restored from its checkpoint; a merge or ensemble is recomputed
     # from its members, which are restored too (members of other seeds included)
-    tasks = [(_kind(row), row, int(seed)) for row, seed in pairs]
-    todo = list(tasks)
-    while todo:
-        t = todo.pop()
-        for m, s in ([] if t[0] == "train" else get_row(t[1]).needs(t[2])):
-            dep = (_kind(m), m, s)
-            if dep not in tasks:
-                tasks.append(dep)
-                todo.append(dep)
+    tasks = [(_kind(n), n, s) for n, s in with_needs(((row, int(seed)) for row, seed in pairs),
+                                                      expand=lambda r: not trained_weights(r))]
     needs = {t: set() if t[0] == "train" else {(_kind(m), m, s) for m, s in get_row(t[1]).needs(t[2])} for t in tasks}
     # in hundredths of a SASRec training (reproduce's units)
     units = {t: round(100 * (EVAL_COST if t[0] == "train" else row_cost(t[1]) if get_row(t[1]).fisher

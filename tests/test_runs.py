@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmpaper import FmpaperError
-from fmpaper.rows import get_row, rows
+from fmpaper.rows import get_row, rows, with_needs
 from fmpaper.runs import PAPER_TABLE, merge_runs, run_dir, run_row, train_config
 
 ROOT_ROWS = ["baseline", "cl4srec", "duorec_sup", "duorec_unsup", "duorec_supunsup", "fisher_random_10",
@@ -180,3 +180,16 @@ def test_smoke_metrics_match_stored_values(root):
     assert got.keys() == want.keys()
     drift = {k: (want[k], got[k]) for k in want if abs(got[k] - want[k]) > 1e-6}
     assert not drift, f"{len(drift)} values drifted, e.g. {next(iter(drift.items()))}"
+
+
+def test_with_needs_follows_members_seeds_and_bases_once():
+    # a fine-tuned merge needs its three fine-tuned members, and they the SASRec they start from
+    got = with_needs([("ft_fisher_exact", 0), ("ft_uniform", 0)])
+    assert got[:1] == [("ft_fisher_exact", 0)] and len(got) == len(set(got))
+    assert {("ft_duorec_unsup", 0), ("ft_duorec_sup", 0), ("ft_duorec_supunsup", 0), ("baseline", 0),
+            ("ft_uniform", 0)} == set(got) - {("ft_fisher_exact", 0)}
+    # expand=False at the trained rows: the base of a fine-tuned copy is not followed
+    assert ("baseline", 0) not in with_needs([("ft_fisher_exact", 0)], expand=lambda r: r.kind != "train")
+    # a merge of three seeds names its members at the shifted seeds
+    assert set(with_needs([("fisher_exact_seeds", 1)])) == {
+        ("fisher_exact_seeds", 1), ("duorec_unsup", 1), ("duorec_sup", 2), ("duorec_supunsup", 3)}

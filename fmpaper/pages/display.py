@@ -94,6 +94,14 @@ def fmt_seconds(s: float) -> str:
     return f"{s / 3600:.2f} h"
 
 
+def mean_sd(mean: float, sd: float, digits: int = 4) -> str:
+    """A cell of "mean±sd over seeds": no ± part when there is no sd (one seed), "not run" when
+    there is no mean."""
+    if mean is None or not np.isfinite(mean):
+        return "not run"
+    return f"{mean:.{digits}f}" + (f"±{sd:.{digits}f}" if sd is not None and np.isfinite(sd) else "")
+
+
 def seeds_text(seeds) -> str:
     seeds = list(seeds)
     if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):

@@ -22,13 +22,7 @@ import pandas as pd
 from ..rows import get_row, in_family, labels, row_order
 from ..runs import finished, load_paper_table
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds, paired_tests
-from .display import PALETTE, Captioned, Text, empty, figure, provenance, seeds_text, style
-
-
-def _cell(mean: float, sd: float) -> str:
-    if not np.isfinite(mean):
-        return "not run"
-    return f"{mean:.4f}" + (f"±{sd:.4f}" if np.isfinite(sd) else "")
+from .display import PALETTE, Captioned, Text, empty, figure, mean_sd, provenance, seeds_text, style
 
 
 # ----------------------------------------------------------------------------- POPULAR and RANDOM
@@ -42,8 +36,8 @@ def popular(df: pd.DataFrame) -> Captioned:
     for k, col in ((10, "popular_ndcg10"), (20, "popular_ndcg20")):
         off, on = mean_over_seeds(df, "paper", "pop100", f"ndcg@{k}"), mean_over_seeds(df, "as-run", "pop100", f"ndcg@{k}")
         t[(f"NDCG@{k}", "paper (ML-1M)")] = [f"{paper[col][n]:.4f}" if n in paper.index else "–" for n in names]
-        t[(f"NDCG@{k}", "switch off (paper)")] = [_cell(off["mean"].get(n, np.nan), off["std"].get(n, np.nan)) for n in names]
-        t[(f"NDCG@{k}", "switch on (as-run)")] = [_cell(on["mean"].get(n, np.nan), on["std"].get(n, np.nan)) for n in names]
+        t[(f"NDCG@{k}", "switch off (paper)")] = [mean_sd(off["mean"].get(n, np.nan), off["std"].get(n, np.nan)) for n in names]
+        t[(f"NDCG@{k}", "switch on (as-run)")] = [mean_sd(on["mean"].get(n, np.nan), on["std"].get(n, np.nan)) for n in names]
         t[(f"NDCG@{k}", "chance")] = [f"{chance_ndcg(CANDIDATES, k):.4f}"] * len(names)
     out = pd.DataFrame(t, index=pd.Index(labels(names), name="row"))
     out.columns = pd.MultiIndex.from_tuples(out.columns)
@@ -76,8 +70,8 @@ def random_blocks(df: pd.DataFrame) -> Captioned:
     blocks of one shuffled list (`as-run`), and the difference."""
     names = row_order(set(df["row"]))
     off, on = mean_over_seeds(df, "paper", "uni100", "ndcg@10"), mean_over_seeds(df, "as-run", "uni100", "ndcg@10")
-    t = pd.DataFrame({"with replacement (paper)": [_cell(off["mean"].get(n, np.nan), off["std"].get(n, np.nan)) for n in names],
-                      "blocks of one list (as-run)": [_cell(on["mean"].get(n, np.nan), on["std"].get(n, np.nan)) for n in names],
+    t = pd.DataFrame({"with replacement (paper)": [mean_sd(off["mean"].get(n, np.nan), off["std"].get(n, np.nan)) for n in names],
+                      "blocks of one list (as-run)": [mean_sd(on["mean"].get(n, np.nan), on["std"].get(n, np.nan)) for n in names],
                       "difference": [f"{on['mean'].get(n, np.nan) - off['mean'].get(n, np.nan):+.4f}" for n in names]},
                      index=pd.Index(labels(names), name="row"))
     diff = (on["mean"] - off["mean"]).abs()
@@ -103,8 +97,8 @@ def cl4srec(df: pd.DataFrame) -> Captioned:
             recs[n] = {"FULL NDCG@10": "not run", "ratio to SASRec": "–"}
             continue
         ratio = (wide[n] / wide["baseline"]) if "baseline" in wide else pd.Series(dtype=float)
-        recs[n] = {"FULL NDCG@10": _cell(wide[n].mean(), wide[n].std()),
-                   "ratio to SASRec": _cell(ratio.mean(), ratio.std()) if len(ratio.dropna()) else "–"}
+        recs[n] = {"FULL NDCG@10": mean_sd(wide[n].mean(), wide[n].std()),
+                   "ratio to SASRec": mean_sd(ratio.mean(), ratio.std()) if len(ratio.dropna()) else "–"}
     t = pd.DataFrame(recs).T
     t.index = pd.Index(labels(t.index), name="row")
     ratio = paper["cl4srec"] / paper["baseline"]

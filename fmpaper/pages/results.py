@@ -14,7 +14,7 @@ from ..evaluate import PROTOCOLS
 from ..rows import labels, row_order
 from ..runs import PAPER_COLUMNS, collect, dataset_name, load_paper_table, metrics_of, results_dir, run_dir
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
-from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, provenance, seeds_text, to_markdown
+from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, mean_sd, provenance, seeds_text, to_markdown
 from .figures import fisher_costs
 
 
@@ -65,8 +65,7 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
         return "–" if x is None or not np.isfinite(x) else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
 
     def ours(t, q):
-        return [num(m) + (f"±{sd:.{digits}f}" if np.isfinite(sd) else "") if np.isfinite(m) else "not run"
-                for m, sd in zip(t[(q, "ours")], t[(q, "sd")])]
+        return [mean_sd(m, sd, digits) for m, sd in zip(t[(q, "ours")], t[(q, "sd")])]
     seeds = df.attrs.get("seeds", [])
     if same:
         src = f"paper: the published table (ML-1M, one run per row); Δ = ours under {PAPER_PROTOCOL} − paper"
