@@ -18,7 +18,8 @@ from .fisher import ESTIMATORS, check_compatible, load_fisher
 from .pages.display import seed_list
 from .reproduce import reproduce
 from .rows import FisherSpec, rows
-from .runs import base_dir, fisher_of, merge_runs, run_dir, run_row, start_weights
+from .runs import (CURVE_EPOCHS, base_dir, curve_dir, fisher_of, merge_runs, run_curve, run_dir, run_row,
+                   start_weights)
 from .train import load_run, train
 from .verify import summary, verify
 
@@ -115,6 +116,14 @@ def cmd_row(a) -> None:
     print(json.dumps({"run": str(run_dir(a.name, a.dataset, a.profile, a.seed)), "test": m["test"]}, indent=2))
 
 
+def cmd_curve(a) -> None:
+    run_curve(a.dataset, a.profile, a.seed, progress=not a.quiet)
+    d = curve_dir(a.dataset, a.profile, a.seed)
+    history = json.loads((d / "history.json").read_text())
+    print(json.dumps({"run": str(d), "valid_ndcg@10 by epoch": [round(h["valid_ndcg@10"], 5) for h in history]},
+                     indent=2))
+
+
 def _parse_seeds(text: str):
     """'3' -> 3 (seeds 0..2); '3,4' -> [3, 4]; '3-5' -> [3, 4, 5]."""
     try:
@@ -206,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=cmd_row)
+
+    c = sub.add_parser("curve", help=f"the epoch-budget check: SASRec for {CURVE_EPOCHS} epochs without early "
+                                     "stopping, validation NDCG@10 per epoch (cached)")
+    c.add_argument("--dataset")
+    c.add_argument("--profile", default="quick", choices=tuple(PROFILES))
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_curve)
 
     x = sub.add_parser("reproduce", help="every row through papermill, then the book")
     x.add_argument("--profile", default="quick", choices=tuple(PROFILES))

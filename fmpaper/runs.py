@@ -164,6 +164,26 @@ def run_dir(name: str, dataset_: str | None = None, profile: str = "quick", seed
     return Path(root or runs_root()) / Path(cfg.dataset).stem / profile / f"s{seed}" / f"{name}-{_hash(ident)}"
 
 
+# the epoch-budget check of a profile: SASRec trained this many epochs, never stopped early
+CURVE_EPOCHS = 8
+
+
+def curve_dir(dataset_: str | None, profile: str, seed: int = 0) -> Path:
+    """Where `fmpaper curve` trains SASRec for CURVE_EPOCHS epochs without early stopping: the
+    validation NDCG@10 of every epoch shows whether the profile's epochs suffice on a dataset."""
+    cfg = make_config(profile, dataset=dataset_, seed=seed)
+    return runs_root() / Path(cfg.dataset).stem / profile / f"s{seed}" / f"curve-sasrec-e{CURVE_EPOCHS}"
+
+
+def run_curve(dataset_: str | None, profile: str, seed: int = 0, progress: bool = True) -> dict:
+    """Metrics of the epoch-budget check (`curve_dir`), training it (resumably) if needed."""
+    out = curve_dir(dataset_, profile, seed)
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    cfg = make_config(profile, dataset=dataset_, seed=seed, epochs=CURVE_EPOCHS, patience=CURVE_EPOCHS)
+    return train(cfg, out, progress=progress, data=dataset(cfg))
+
+
 def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed: int = 0,
             root: Path | None = None, progress: bool = True, **overrides) -> dict:
     """Metrics of row `name`, computing (and caching) it and whatever it needs first."""

@@ -193,3 +193,18 @@ def test_with_needs_follows_members_seeds_and_bases_once():
     # a merge of three seeds names its members at the shifted seeds
     assert set(with_needs([("fisher_exact_seeds", 1)])) == {
         ("fisher_exact_seeds", 1), ("duorec_unsup", 1), ("duorec_sup", 2), ("duorec_supunsup", 3)}
+
+
+def test_epoch_budget_curve_trains_every_epoch_and_is_cached(monkeypatch, tmp_path):
+    from fmpaper.pages.data import curve_summary, epoch_curve
+    from fmpaper.runs import CURVE_EPOCHS, curve_dir, run_curve
+    monkeypatch.setenv("FMPAPER_RUNS", str(tmp_path))
+    assert "has not run" in curve_summary(epoch_curve("ml-100k", "smoke")).text
+    run_curve("ml-100k", "smoke", progress=False)
+    curve = epoch_curve("ml-100k", "smoke")
+    # never stopped early, whatever the validation does; the profile's epochs (1) are marked
+    assert list(curve["epoch"]) == list(range(1, CURVE_EPOCHS + 1))
+    assert curve.attrs["epochs"] == 1 and "after the profile's 1 epoch" in curve_summary(curve).text.lower()
+    stamp = (curve_dir("ml-100k", "smoke") / "metrics.json").stat().st_mtime_ns
+    run_curve("ml-100k", "smoke", progress=False)  # cached: nothing retrained
+    assert (curve_dir("ml-100k", "smoke") / "metrics.json").stat().st_mtime_ns == stamp

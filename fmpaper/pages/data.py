@@ -1,8 +1,9 @@
 """The data chapter (notebooks/data.ipynb): the dataset after preprocessing, its sequence lengths
-and item popularity.
+and item popularity, and the epoch budget of the profile on it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..config import make_config
-from ..runs import dataset_name, profile_data, results_dir
+from ..runs import curve_dir, dataset_name, profile_data, results_dir
 from ..train import hardware
-from .display import PALETTE, check_params, empty, figure, log_ticks, style
+from .display import PALETTE, Text, check_params, empty, figure, log_ticks, style
 
 
 def data_summary(dataset=None, profile="quick") -> pd.DataFrame:
@@ -98,4 +99,59 @@ def plot_sequence_lengths(lengths: pd.DataFrame, caption: str | None = None) -> 
         style(ax2)
     else:
         empty(ax2, "no item counts")
+    return fig
+
+
+# ----------------------------------------------------------------------------- the epoch budget
+
+def epoch_curve(dataset=None, profile="quick", seed=0) -> pd.DataFrame:
+    """Validation NDCG@10 and seconds per epoch of the profile's epoch-budget check (`fmpaper
+    curve`: SASRec for CURVE_EPOCHS epochs, never stopped early); no rows when it has not run."""
+    check_params(dataset=dataset, profile=profile)
+    d = curve_dir(dataset or None, profile, seed)
+    history = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
+    t = pd.DataFrame([{"epoch": h["epoch"], "valid NDCG@10": h["valid_ndcg@10"], "seconds": h["seconds"]}
+                      for h in history], columns=["epoch", "valid NDCG@10", "seconds"])
+    metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    t.attrs.update(dataset=dataset_name(dataset or None, profile), profile=profile, seed=seed,
+                   epochs=make_config(profile, dataset=dataset or None).epochs,
+                   hardware=metrics.get("hardware", ""), command=f"fmpaper curve --dataset "
+                   f"{dataset_name(dataset or None, profile)} --profile {profile} --seed {seed}")
+    return t
+
+
+def curve_summary(curve: pd.DataFrame) -> Text:
+    """Where the profile's epoch budget falls on the curve, in one paragraph."""
+    a = curve.attrs
+    if curve.empty:
+        return Text(f"The epoch-budget check has not run for {a['dataset']}, profile {a['profile']} "
+                    f"(`{a['command']}` runs it).")
+    v = curve.set_index("epoch")["valid NDCG@10"]
+    best_epoch, e = int(v.idxmax()), a["epochs"]
+    at_budget = v.get(e, np.nan)
+    reach = (f"After the profile's {e} epoch(s) its validation NDCG@10 is {at_budget:.4f}, "
+             f"{at_budget / v.max():.0%} of the best of the {len(v)} epochs ({v.max():.4f}, epoch {best_epoch})"
+             if np.isfinite(at_budget) else f"The curve stops before the profile's {e} epochs")
+    return Text(f"SASRec on {a['dataset']} (seed {a['seed']}), trained {len(v)} epochs without early stopping "
+                f"at {curve['seconds'].mean():.0f} s per epoch ({a['hardware']}). {reach}; one epoch reaches "
+                f"{v.iloc[0] / v.max():.0%} of it.")
+
+
+def plot_epoch_curve(curve: pd.DataFrame, caption: str | None = None) -> Figure:
+    """Validation NDCG@10 by epoch, the profile's epoch budget marked."""
+    fig = figure(6, 3.2, caption)
+    ax = fig.subplots()
+    if curve.empty:
+        empty(ax, f"not run: {curve.attrs['command']}")
+        return fig
+    ax.plot(curve["epoch"], curve["valid NDCG@10"], marker="o", color=PALETTE[0], label="SASRec")
+    e = curve.attrs["epochs"]
+    ax.axvline(e, color="0.2", linestyle="--", linewidth=1)
+    ax.annotate(f"profile {curve.attrs['profile']}: {e} epoch(s)", (e, 0.05), xycoords=("data", "axes fraction"),
+                xytext=(4, 0), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10 (FULL)")
+    ax.set_xticks(curve["epoch"])
+    ax.set_title(f"Epoch budget, {curve.attrs['dataset']}", fontsize=10)
+    style(ax)
     return fig
