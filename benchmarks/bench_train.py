@@ -1,14 +1,15 @@
 """Training speed of fmpaper's SASRec against a straightforward reference, in one run.
 
 Measures training examples/s (forward, backward and Adam step; paper configuration, batch 256,
-real ML-100K batches) of the reference and of each lever added in turn, then of every variant's
-objective relative to the baseline's. Time is this process's CPU time (time.process_time),
+real batches of ML-100K or of --dataset) of the reference and of each lever added in turn, then
+of every variant's objective relative to the baseline's. Time is this process's CPU time (time.process_time),
 which other processes on a shared machine barely disturb, unlike wall time; with --threads 1
 it equals wall time on an idle machine. Configurations run in interleaved rounds on the same
 batches and the best round counts (the ratios are the result; absolute figures depend on the
 machine). --curve trains one epoch with random and
 with length-grouped batches to show the loss curve is unaffected by grouping.
 Usage: python benchmarks/bench_train.py [--rounds 5] [--steps 8] [--threads 1] [--curve] [--json out.json]
+       python benchmarks/bench_train.py --dataset ml-1m --variants-only --threads 1   # ML-1M epoch costs
 """
 import argparse
 import json
@@ -35,16 +36,19 @@ def main():
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the fmpaper step")
     ap.add_argument("--curve", action="store_true", help="also train one epoch with/without length grouping")
+    ap.add_argument("--dataset", default="ml-100k", help="whose batches to time (default ml-100k)")
+    ap.add_argument("--variants-only", action="store_true",
+                    help="time only the variants' objectives (not the reference and the levers)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = make_config("quick")
-    data = load("ml-100k")
+    cfg = make_config("quick", dataset=args.dataset)
+    data = load(cfg.dataset, cfg.max_len, cfg.min_count)
     obj = Objective(cfg, data)
     n = len(obj.targets)
-    ex_len = (obj.targets - data.offsets[obj.users]).clamp(max=cfg.max_len)
+    ex_len = obj.lengths
     gen = torch.Generator().manual_seed(0)
     random_b = batches(n, cfg.batch_size, gen)
     grouped_b = batches(n, cfg.batch_size, gen, ex_len)
@@ -75,11 +79,11 @@ def main():
         return F.cross_entropy(model.logits(model.encode(trim(seq, lengths), lengths)), target - 1)
 
     def variant_loss(v):
-        vobj, g = Objective(make_config("quick", variant=v), data), torch.Generator().manual_seed(1)
+        vobj, g = Objective(make_config("quick", dataset=args.dataset, variant=v), data), torch.Generator().manual_seed(1)
         return lambda m, ex: vobj(m, ex, g)["loss"]
 
     new = lambda: SASRec(data.n_items, cfg)  # noqa: E731
-    configs = {  # name -> (step, batches)
+    configs = {} if args.variants_only else {  # name -> (step, batches)
         "reference: nn.TransformerEncoder, explicit mask": (make_step(ReferenceSASRec(data.n_items, cfg), lambda m, ex: m.loss(*obj.batch(ex))), random_b),
         "+ own blocks (fused attention without dropout, fast dropout)": (make_step(new(), ce_all_positions), random_b),
         "+ last block only at the read position": (make_step(new(), ce_last), random_b),
@@ -89,7 +93,8 @@ def main():
     if args.compile:
         configs["+ torch.compile"] = (make_step(new(), torch.compile(ce_trim, dynamic=True)), grouped_b)
     for v in VARIANTS:
-        configs[f"variant {v}"] = (make_step(SASRec(data.n_items, make_config("quick", variant=v)), variant_loss(v)), grouped_b)
+        configs[f"variant {v}"] = (make_step(SASRec(data.n_items, make_config("quick", dataset=args.dataset, variant=v)),
+                                             variant_loss(v)), grouped_b)
 
     best = {name: 0.0 for name in configs}
     cursor = 10 * args.threads if args.threads else 10
@@ -103,17 +108,19 @@ def main():
             for ex in chunk:
                 step(ex)
             best[name] = max(best[name], sum(map(len, chunk)) / (time.process_time() - t0))
-    ref = best["reference: nn.TransformerEncoder, explicit mask"]
     base = best["variant sasrec"]
-    print(f"torch threads: {torch.get_num_threads()}; CPU time; best of {args.rounds} interleaved rounds of {args.steps} steps")
-    print(f"\n| configuration | examples/s | x reference | s per ML-100K epoch ({n} examples) |\n|---|---|---|---|")
-    for name, eps in best.items():
-        if not name.startswith("variant"):
-            print(f"| {name} | {eps:.0f} | {eps / ref:.2f} | {n / eps:.1f} |")
-    print("\n| variant | examples/s | step cost x sasrec |\n|---|---|---|")
+    print(f"{args.dataset}; torch threads: {torch.get_num_threads()}; CPU time; best of {args.rounds} "
+          f"interleaved rounds of {args.steps} steps")
+    if not args.variants_only:
+        ref = best["reference: nn.TransformerEncoder, explicit mask"]
+        print(f"\n| configuration | examples/s | x reference | s per epoch ({n} examples) |\n|---|---|---|---|")
+        for name, eps in best.items():
+            if not name.startswith("variant"):
+                print(f"| {name} | {eps:.0f} | {eps / ref:.2f} | {n / eps:.1f} |")
+    print(f"\n| variant | examples/s | step cost x sasrec | min per epoch ({n} examples) |\n|---|---|---|---|")
     for name, eps in best.items():
         if name.startswith("variant"):
-            print(f"| {name[8:]} | {eps:.0f} | {base / eps:.2f} |")
+            print(f"| {name[8:]} | {eps:.0f} | {base / eps:.2f} | {n / eps / 60:.1f} |")
 
     curve = {}
     if args.curve:
@@ -128,7 +135,8 @@ def main():
             r, gr = curve["random"][i:i + k], curve["grouped"][i:i + k]
             print(f"| {i}-{i + len(r)} | {sum(r) / len(r):.3f} | {sum(gr) / len(gr):.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "examples_per_s": best,
+        Path(args.json).write_text(json.dumps({"dataset": args.dataset, "examples": n,
+                                               "threads": torch.get_num_threads(), "examples_per_s": best,
                                                "curve": curve}, indent=1))
 
 
