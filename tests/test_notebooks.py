@@ -147,6 +147,7 @@ def test_each_dataset_and_profile_has_its_book_folder():
     assert reproduce.book_folder(None, "paper") == book / "ml-1m-paper"
     assert reproduce.in_toc(book) and reproduce.in_toc(book / "ml-100k-paper")
     assert not reproduce.in_toc(book / "ml-100k-smoke")
+    assert reproduce.book_folder("ml-1m", "quick") == book / "ml-1m-quick"
 
 
 def test_cli_reports_one_line_and_fails():
