@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..config import make_config
-from ..runs import curve_dir, dataset_name, profile_data, results_dir
+from ..runs import CURVE_EPOCHS, curve_dir, dataset_name, profile_data, results_dir
 from ..train import hardware
 from .display import PALETTE, Text, check_params, empty, figure, log_ticks, style
 
@@ -123,6 +123,10 @@ def epoch_curve(dataset=None, profile="quick", seed=0) -> pd.DataFrame:
 def curve_summary(curve: pd.DataFrame) -> Text:
     """Where the profile's epoch budget falls on the curve, in one paragraph."""
     a = curve.attrs
+    if a["epochs"] >= CURVE_EPOCHS:
+        return Text(f"Profile {a['profile']} trains up to {a['epochs']} epochs and stops early on the validation "
+                    f"NDCG@10, so it needs no epoch-budget check (that is for profiles of fewer than "
+                    f"{CURVE_EPOCHS} epochs).")
     if curve.empty:
         return Text(f"The epoch-budget check has not run for {a['dataset']}, profile {a['profile']} "
                     f"(`{a['command']}` runs it).")
@@ -141,6 +145,9 @@ def plot_epoch_curve(curve: pd.DataFrame, caption: str | None = None) -> Figure:
     """Validation NDCG@10 by epoch, the profile's epoch budget marked."""
     fig = figure(6, 3.2, caption)
     ax = fig.subplots()
+    if curve.attrs["epochs"] >= CURVE_EPOCHS:
+        empty(ax, f"profile {curve.attrs['profile']}: up to {curve.attrs['epochs']} epochs, early stopping")
+        return fig
     if curve.empty:
         empty(ax, f"not run: {curve.attrs['command']}")
         return fig
