@@ -156,12 +156,15 @@ def identity(row: Row, dataset_, profile, seed, overrides) -> dict:
     return ident
 
 
+def seed_dir(dataset_: str | None, profile: str, seed: int, root: Path | None = None) -> Path:
+    """The folder of every run of one (dataset, profile, seed): <runs root>/<dataset>/<profile>/s<seed>."""
+    return Path(root or runs_root()) / dataset_name(dataset_, profile) / profile / f"s{seed}"
+
+
 def run_dir(name: str, dataset_: str | None = None, profile: str = "quick", seed: int = 0,
             root: Path | None = None, **overrides) -> Path:
-    row = get_row(name)
-    cfg = make_config(profile, dataset=dataset_, seed=seed, **overrides)
-    ident = identity(row, dataset_, profile, seed, overrides)
-    return Path(root or runs_root()) / Path(cfg.dataset).stem / profile / f"s{seed}" / f"{name}-{_hash(ident)}"
+    ident = identity(get_row(name), dataset_, profile, seed, overrides)
+    return seed_dir(dataset_, profile, seed, root) / f"{name}-{_hash(ident)}"
 
 
 # the epoch-budget check of a profile: SASRec trained this many epochs, never stopped early
@@ -171,8 +174,7 @@ CURVE_EPOCHS = 8
 def curve_dir(dataset_: str | None, profile: str, seed: int = 0) -> Path:
     """Where `fmpaper curve` trains SASRec for CURVE_EPOCHS epochs without early stopping: the
     validation NDCG@10 of every epoch shows whether the profile's epochs suffice on a dataset."""
-    cfg = make_config(profile, dataset=dataset_, seed=seed)
-    return runs_root() / Path(cfg.dataset).stem / profile / f"s{seed}" / f"curve-sasrec-e{CURVE_EPOCHS}"
+    return seed_dir(dataset_, profile, seed) / f"curve-sasrec-e{CURVE_EPOCHS}"
 
 
 def run_curve(dataset_: str | None, profile: str, seed: int = 0, progress: bool = True) -> dict:

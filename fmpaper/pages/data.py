@@ -113,10 +113,10 @@ def epoch_curve(dataset=None, profile="quick", seed=0) -> pd.DataFrame:
     t = pd.DataFrame([{"epoch": h["epoch"], "valid NDCG@10": h["valid_ndcg@10"], "seconds": h["seconds"]}
                       for h in history], columns=["epoch", "valid NDCG@10", "seconds"])
     metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
-    t.attrs.update(dataset=dataset_name(dataset or None, profile), profile=profile, seed=seed,
-                   epochs=make_config(profile, dataset=dataset or None).epochs,
-                   hardware=metrics.get("hardware", ""), command=f"fmpaper curve --dataset "
-                   f"{dataset_name(dataset or None, profile)} --profile {profile} --seed {seed}")
+    name = dataset_name(dataset or None, profile)
+    t.attrs.update(dataset=name, profile=profile, seed=seed, epochs=make_config(profile, dataset=dataset or None).epochs,
+                   hardware=metrics.get("hardware", ""),
+                   command=f"fmpaper curve --dataset {name} --profile {profile} --seed {seed}")
     return t
 
 
