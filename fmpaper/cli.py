@@ -99,8 +99,13 @@ def cmd_merge(a) -> None:
             raise FmpaperError(f"{len(a.run_dirs)} runs but {len(a.fisher)} Fisher files")
         fishers = []
         for run, path in zip(a.run_dirs, a.fisher):
-            f, _ = load_fisher(path)
-            check_compatible(f, load_run(run).model.state_dict())
+            f, meta = load_fisher(path)
+            member = load_run(run)
+            # a Fisher carries its dataset: two datasets with equal item counts have equal shapes
+            if meta.get("dataset", member.cfg.dataset) != member.cfg.dataset:
+                raise FmpaperError(f"{path} is a Fisher on {meta['dataset']}, but {run} was trained on "
+                                   f"{member.cfg.dataset}")
+            check_compatible(f, member.model.state_dict())
             fishers.append(f)
     m = merge_runs(a.run_dirs, a.out, fishers, a.lambdas, a.floor, a.finetune_epochs, progress=not a.quiet)
     print(json.dumps({"run": a.out, "test": m["test"]}, indent=2))
@@ -150,8 +155,17 @@ def cmd_reproduce(a) -> None:
               book=not a.no_book, jobs=a.jobs, compute=not a.pages_only)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors (an unknown choice, a missing argument) as the one line every
+    other user error gets, not a usage block; --help still prints the full usage."""
+
+    def error(self, message):
+        where = self.prog.removeprefix("fmpaper").strip()
+        self.exit(2, f"fmpaper: error: {where + ': ' if where else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fmpaper", description="Fisher-weighted merging of contrastive sequential recommenders: data, training, evaluation, Fisher, merging.")
+    p = OneLineParser(prog="fmpaper", description="Fisher-weighted merging of contrastive sequential recommenders: data, training, evaluation, Fisher, merging.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)

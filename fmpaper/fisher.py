@@ -15,9 +15,11 @@ inputs) and averaged over them. Estimators (`estimator=`):
   model       k draws v ~ p with replacement, (1/k) sum g_v^2 (unbiased)
 
 The sampled estimators sum per-example squared gradients (in closed form, below), or with
-`batchwise=True` use the poster's batch approximation: per batch b and slot j,
+`batchwise=True` a slot-paired batch form: per batch b and slot j,
 (sum_{i in b} w_ij) * (grad sum_{i in b} log p(v_ij|s_i))^2 / |b|, summed over batches and
-divided by N, so a batch of one is exactly the per-example estimate.
+divided by N, so a batch of one is exactly the per-example estimate. Each sequence draws its own
+items; the poster's form, one item per draw shared by the whole batch, is not implemented (the
+method chapter's "Sampling estimators" gives the bias of both).
 
 Exact Fisher: derivation
 ------------------------

@@ -41,7 +41,7 @@ from .config import PROFILES, make_config
 from .pages.display import check_params
 from .pages.results import write_tables
 from .rows import get_row, in_family, with_needs
-from .runs import checkpoint_dir, keep_checkpoints, repo_root, results_dir
+from .runs import checkpoint_dir, keep_checkpoints, repo_root, results_dir, run_dir
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies", "fidelity")
 # the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
@@ -142,6 +142,15 @@ def row_cost(name: str) -> float:
     return cost * 2 / 3 if dict(r.settings).get("cl4srec_ce") is False else cost
 
 
+def work_units(task, profile: str, dataset: str | None) -> int:
+    """A row's share of the progress bar, in hundredths of a SASRec training: its expected cost,
+    or one unit when the run is cached already (its notebook only reads it back)."""
+    seed, name, _ = task
+    if (run_dir(name, dataset, profile, seed) / "metrics.json").is_file():
+        return 1
+    return round(100 * row_cost(name))
+
+
 def _row_plan(names, seeds, profile: str = "quick"):
     """[(seed, row, kind)] in the order to start them: every requested row (default: every row
     that runs in `profile`) for every seed, plus every run it is computed from (`Row.needs`:
@@ -233,8 +242,8 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, pr
     plan = _row_plan(names, seeds, profile)
     folder = results_dir(dataset, profile) / "notebooks"
     needs = {t: _needs(t) for t in plan}
-    # the bar counts hundredths of a SASRec training (row_cost), so its remaining time is fair
-    units = {t: round(100 * row_cost(t[1])) for t in plan}
+    # the bar counts expected work, not rows, so its remaining time is fair
+    units = {t: work_units(t, profile, dataset) for t in plan}
     done = run_tasks(partial(_execute_row, profile=profile, dataset=dataset, folder=folder), plan, needs,
                      jobs, units, "rows (work units)", "rows", progress)
     return [done[t] for t in plan]

@@ -287,7 +287,7 @@ def fisher_of(member_dir: Path, spec: FisherSpec, progress: bool = True, path: P
     fisher, meta = compute_fisher(run.model, seq, lengths, targets, spec.estimator, k=spec.k,
                                   batchwise=spec.batchwise, authors=spec.authors, seed=run.cfg.seed,
                                   progress=progress, return_meta=True)
-    meta.update(run=Path(member_dir).name, hardware=hardware())
+    meta.update(run=Path(member_dir).name, dataset=run.cfg.dataset, hardware=hardware())
     save_fisher(path, fisher, meta)
     return fisher, meta
 

@@ -2,9 +2,12 @@
 
 The notebooks in book/ are pre-executed, so the build computes nothing and needs no runs.
 """
+import json
 import os
+import re
 import shutil
 import subprocess
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -89,17 +92,52 @@ def test_result_pages_are_labelled(html):
             assert "Provenance: dataset" in text, name
 
 
-def test_index_screenshot_in_headless_chromium(html, tmp_path):
+def chromium(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    """Headless Chromium with a throw-away profile; skips the test where it is not installed."""
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium); no screenshot taken")
-    shot = tmp_path / "index.png"
+        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600", f"--screenshot={shot}",
-           (html / "index.html").as_uri()]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, HOME=str(tmp_path)))
+           f"--user-data-dir={tmp_path / 'profile'}", *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, HOME=str(tmp_path)))
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+# after the page has loaded: every table wider than the notebook output that holds it, written
+# into an attribute of <body> for --dump-dom to carry out
+WIDTH_PROBE = """<script>
+window.addEventListener('load', () => {
+  const wide = [];
+  document.querySelectorAll('.cell_output table').forEach((t) => {
+    const box = t.closest('.cell_output').getBoundingClientRect().width, w = t.getBoundingClientRect().width;
+    if (w > box + 1) wide.push(Math.round(w) + ' px in ' + Math.round(box) + ' px: ' + t.textContent.trim().slice(0, 60));
+  });
+  document.body.setAttribute('data-wide-tables', JSON.stringify(wide));
+});
+</script>"""
+
+
+def test_tables_fit_a_1400_px_window(html, tmp_path):
+    executed = [f for f in toc_files() if (ROOT / "book" / f"{f}.ipynb").is_file()]
+    for name in executed:
+        probe = html / f"{name}.probe.html"              # beside the page, so its styles load
+        probe.write_text((html / f"{name}.html").read_text(encoding="utf-8").replace("</body>", WIDTH_PROBE + "</body>"),
+                         encoding="utf-8")
+        try:
+            run = chromium(tmp_path, "--window-size=1400,1000", "--virtual-time-budget=10000", "--dump-dom",
+                           probe.as_uri())
+        finally:
+            probe.unlink()
+        found = re.search(r'data-wide-tables="([^"]*)"', run.stdout)
+        assert found, f"{name}: the width probe did not run"
+        wide = json.loads(unescape(found.group(1)))
+        assert not wide, f"{name}: tables wider than the page at 1400 px: {wide}"
+
+
+def test_index_screenshot_in_headless_chromium(html, tmp_path):
+    shot = tmp_path / "index.png"
+    chromium(tmp_path, "--window-size=1280,1600", f"--screenshot={shot}", (html / "index.html").as_uri())
     assert shot.is_file() and shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keep = os.environ.get("FMPAPER_SCREENSHOT")

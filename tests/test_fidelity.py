@@ -97,7 +97,7 @@ def test_evaluate_cli_as_run_and_unknown_protocol(tmp_path, smoke_data):
     assert m["full"] == json.loads((out / "metrics.json").read_text())["test"]["paper"]["full"]
     r = subprocess.run([sys.executable, "-m", "fmpaper", "evaluate", str(out), "--protocol", "nope"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "nope" in r.stderr
+    assert r.returncode == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 # ----------------------------------------------------------------------------- CL4SRec in place
@@ -224,6 +224,9 @@ def test_init_from_refuses_missing_unfinished_and_mismatched(tmp_path, base_run,
     other = make_config("smoke", variant="duorec_sup", init_from="x", hidden=32)
     with pytest.raises(FmpaperError, match="hidden"):
         start_weights(other, base_run)
+    elsewhere = make_config("smoke", variant="duorec_sup", init_from="x", dataset="ml-1m")
+    with pytest.raises(FmpaperError, match="dataset"):
+        start_weights(elsewhere, base_run)
     r = subprocess.run([sys.executable, "-m", "fmpaper", "train", "--profile", "smoke", "--variant", "cl4srec",
                         "--set", f"init_from={tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)

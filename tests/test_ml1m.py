@@ -1,6 +1,7 @@
 """The ML-1M code paths, without ML-1M: a small synthetic .inter in ML-1M's token format (user
 tokens "1m_<n>", movie titles as item ids), the per-dataset profile settings, and the bad
 inputs a mixed-dataset session can produce."""
+import json
 import subprocess
 import sys
 
@@ -83,8 +84,19 @@ def test_merging_runs_of_two_datasets_is_refused(ml1m_like, tmp_path, smoke_data
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "fmpaper", "merge", str(a), str(a), "--fisher", str(f), str(f),
                         "--out", str(tmp_path / "m2")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "item_emb.weight" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a Fisher on" in r.stderr, r.stderr
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m2.partial").exists()
+    # ... also where the shapes agree: the Fisher's meta names its dataset
+    g = tmp_path / "ga.safetensors"
+    r = subprocess.run([sys.executable, "-m", "fmpaper", "fisher", str(a), "--estimator", "target",
+                        "--out", str(g), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["dataset"] == "ml-100k", r.stderr
+    meta = g.with_suffix(".json")
+    meta.write_text(meta.read_text().replace('"dataset": "ml-100k"', '"dataset": "ml-1m"'))
+    r = subprocess.run([sys.executable, "-m", "fmpaper", "merge", str(a), str(a), "--fisher", str(g), str(g),
+                        "--out", str(tmp_path / "m3")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a Fisher on ml-1m" in r.stderr, r.stderr
+    assert not (tmp_path / "m3").exists() and not (tmp_path / "m3.partial").exists()
 
 
 def test_unfetchable_dataset_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):

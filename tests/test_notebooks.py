@@ -140,6 +140,21 @@ def test_reproduce_refuses_unknown_row_before_running():
         reproduce.reproduce(profile="smoke", rows=["baseline", "nope"], book=False, progress=False)
 
 
+def test_progress_counts_expected_work(tmp_path, monkeypatch):
+    cost = reproduce.row_cost
+    assert cost("baseline") == 1.0 < cost("duorec_unsup") < cost("duorec_sup") < cost("cl4srec") < cost("duorec_supunsup")
+    assert cost("cl4srec_infonce") == pytest.approx(cost("cl4srec") * 2 / 3)     # two encoder passes of three
+    tuned = next(r for r in rows().values() if r.kind != "train" and r.finetune_epochs)
+    assert cost(tuned.name) > cost("uniform") > 0
+    monkeypatch.setenv("FMPAPER_RUNS", str(tmp_path))
+    task = (0, "duorec_supunsup", "train")
+    assert reproduce.work_units(task, "smoke", None) == 350
+    done = run_dir("duorec_supunsup", None, "smoke", 0)
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    assert reproduce.work_units(task, "smoke", None) == 1                          # cached: read back only
+
+
 def test_each_dataset_and_profile_has_its_book_folder():
     book = ROOT / "book"
     assert reproduce.book_folder("ml-100k", "quick") == book  # the main set

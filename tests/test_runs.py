@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmpaper import FmpaperError
+from fmpaper import FmpaperError, runs
 from fmpaper.rows import get_row, rows, with_needs
 from fmpaper.runs import PAPER_TABLE, merge_runs, run_dir, run_row, train_config
 
@@ -27,6 +27,13 @@ def test_rows_declare_the_paper_table():
     assert [line.split(",")[0] for line in PAPER_TABLE.read_text().splitlines()[1:]] == ROOT_ROWS
     with pytest.raises(FmpaperError, match="unknown row 'nope'"):
         get_row("nope")
+
+
+def test_missing_paper_table_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(runs, "PAPER_TABLE", tmp_path / "table.csv")
+    with pytest.raises(FmpaperError, match=r"the paper's table .* is missing") as err:
+        runs.load_paper_table()
+    assert "\n" not in str(err.value)
 
 
 def test_row_settings_reach_the_config():
