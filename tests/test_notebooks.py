@@ -7,6 +7,7 @@ first time on two cores) and every later session only reads it back. Files the n
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,19 @@ def assert_close_metrics(got: dict, want: dict, tol: float = 1e-9):
 
 
 # ----------------------------------------------------------------------------- templates
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
+def test_template_links_resolve_in_every_book_folder(path):
+    # a page may land in book/ or in book/<dataset>-<profile>/: a relative link may only name a
+    # page written beside it; other chapters need {doc}`text </chapter>`
+    for cell in nbformat.read(path, 4).cells:
+        if cell.cell_type != "markdown":
+            continue
+        for target in re.findall(r"\]\(([^)#\s]+)", cell.source):
+            if "://" not in target:
+                assert Path(target).suffix == ".ipynb" and Path(target).stem in reproduce.PAGES, \
+                    f"{path.name}: link to {target} breaks in a subfolder of book/"
+
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
 def test_template_has_one_parameters_cell(path):
