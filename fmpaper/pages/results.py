@@ -13,6 +13,7 @@ from .. import FmpaperError
 from ..config import make_config
 from ..data import batches
 from ..evaluate import PROTOCOLS
+from ..objectives import Objective
 from ..rows import labels, row_order
 from ..runs import (PAPER_COLUMNS, collect, dataset_name, load_paper_table, metrics_of, profile_data, results_dir,
                     run_dir)
@@ -286,10 +287,8 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
 def single_length_batches(dataset=None, profile="quick", seed=0) -> tuple[int, int]:
     """(batches holding one sequence length, batches) in one epoch of length-grouped batches."""
     cfg = make_config(profile, dataset=dataset)
-    data = profile_data(dataset, profile)
-    targets, users = data.train_targets()
-    lengths = (targets - data.offsets[users]).clamp(max=cfg.max_len)            # (n_examples,)
-    steps = batches(len(targets), cfg.batch_size, torch.Generator().manual_seed(seed), lengths)
+    lengths = Objective(cfg, profile_data(dataset, profile)).lengths            # (n_examples,), as training sees them
+    steps = batches(len(lengths), cfg.batch_size, torch.Generator().manual_seed(seed), lengths)
     return sum(int(lengths[b].min() == lengths[b].max()) for b in steps), len(steps)
 
 
