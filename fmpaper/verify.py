@@ -3,8 +3,9 @@
 The repository keeps the weights of every trained row the book shows
 (results/<dataset>-<profile>/checkpoints/<row>-s<seed>.safetensors, with the run's config as
 .json). `verify` rebuilds those runs in a scratch runs root, re-evaluates each checkpoint under
-both protocols, recomputes every merge and ensemble from them (Fishers included), and compares
-every test metric and every trained row's validation NDCG@10 with the committed runs.csv.
+the three protocols (as-run, paper, corrected), recomputes every merge and ensemble from them
+(Fishers included), and compares every test metric and every trained row's validation NDCG@10
+with the committed runs.csv.
 
 Tasks run `jobs` at a time, each with cores/jobs threads as `fmpaper reproduce` trains them;
 the progress bar counts work in the same units as reproduce's. The first mismatch, a missing
@@ -32,7 +33,7 @@ from .runs import (checkpoint_dir, checkpoint_files, dataset, dataset_name, fine
 from .train import finish_run
 
 TOLERANCE = 1e-6
-EVAL_COST = 0.02       # one evaluation under both protocols, in reproduce's work units
+EVAL_COST = 0.02       # one evaluation under the three protocols, in reproduce's work units
 
 
 def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> dict:

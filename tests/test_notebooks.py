@@ -20,7 +20,7 @@ from fmpaper import FmpaperError, reproduce
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import results
 from fmpaper.rows import get_row, rows
-from fmpaper.runs import run_dir, run_row
+from fmpaper.runs import load_paper_table, run_dir, run_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -307,6 +307,26 @@ def test_profile_comparison_reads_each_profiles_runs(tmp_path, monkeypatch):
     assert "Kendall's tau" in c.note and "-0.33" in c.note  # orders (b,e,u) vs (u,b,e)
     (tmp_path / "ml-100k-paper" / "runs.csv").unlink()
     assert results.profile_comparison("ml-100k").table.empty
+
+
+def test_same_dataset_tables_keep_the_published_value_beside_each_protocol():
+    """On the paper's dataset the published column and our `paper` protocol column are two
+    columns: the published value shows, and Δ is ours under as-run minus it."""
+    import pandas as pd
+    recs = [dict(row="baseline", seed=0, protocol=p, mode="uni100", metric="ndcg@10", value=v, hardware="cpu",
+                 train_seconds=1.0, fisher_seconds=0.0, merge_seconds=0.0)
+            for p, v in (("as-run", 0.50), ("paper", 0.40), ("corrected", 0.30))]
+    df = pd.DataFrame(recs)
+    df.attrs.update(dataset="ml-1m", seeds=[0])
+    random = next(t for t in results.show_tables(df).items if t.caption.startswith("RANDOM")).table
+    published = float(load_paper_table().loc["baseline", "random_ndcg10"])
+    row = random.loc["SASRec (CE)"]
+    assert float(row[("NDCG@10", "published")]) == pytest.approx(published, abs=1e-4)
+    assert row[("NDCG@10", "paper")].startswith("0.4000") and row[("NDCG@10", "as-run")].startswith("0.5000")
+    assert float(row[("NDCG@10", "Δ")]) == pytest.approx(0.50 - published, abs=1e-4)
+    df.attrs["dataset"] = "ml-100k"
+    random = next(t for t in results.show_tables(df).items if t.caption.startswith("RANDOM")).table
+    assert ("NDCG@10", "published (ML-1M)") in random.columns and ("NDCG@10", "Δ") not in random.columns
 
 
 # ----------------------------------------------------------------------------- verify

@@ -186,10 +186,13 @@ def ordering_summary(dataset=None, profile="quick", seeds=1) -> Text:
                     else "is not monotone in k")
         grow.append(f"{scheme}: paper {trend([float(paper.loc[n, 'full_ndcg10']) for n in ks])}, "
                     f"ours {trend([float(full['mean'].get(n, np.nan)) for n in ks])}")
+    done = int(full["mean"].notna().sum())
+    ours = (f"ours span {spread_ours:.4f}" if done > 1 else
+            f"{done} of ours {'is' if done == 1 else 'are'} finished, so ours have no spread yet")
     text = (f"The ten sampled Fisher rows of the paper span {spread_paper:.4f} in FULL NDCG@10 (ML-1M, one "
-            f"unseeded run each); ours span {spread_ours:.4f} ({p['dataset']}, profile {profile}, mean over "
+            f"unseeded run each); {ours} ({p['dataset']}, profile {profile}, mean over "
             f"seeds {seeds_text(p['seeds'])}). ")
-    if len(p["seeds"]) > 1 and np.isfinite(seed_sd):
+    if done > 1 and len(p["seeds"]) > 1 and np.isfinite(seed_sd):
         text += (f"One of our rows moves by {seed_sd:.4f} (sd over training seeds, mean over the ten rows) from "
                  f"one seed to the next, so a single run per row resolves differences between rows only when "
                  f"they are several times that; our rows' whole range is {spread_ours / seed_sd:.1f} such sds. ")

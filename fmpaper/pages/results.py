@@ -63,7 +63,8 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
     same = df.attrs.get("dataset") == PAPER_DATASET
     tables = {p: side_by_side(df, p, paper) for p in PROTOCOLS}
     first = tables[PROTOCOLS[0]]
-    paper_name = "paper" if same else "paper (ML-1M)"
+    # not "paper": that is also the name of a protocol column of the same table
+    paper_name = "published" if same else "published (ML-1M)"
 
     def num(x, signed=False):
         return "–" if x is None or not np.isfinite(x) else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
@@ -72,9 +73,9 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
         return [mean_sd(m, sd, digits) for m, sd in zip(t[(q, "ours")], t[(q, "sd")])]
     seeds = df.attrs.get("seeds", [])
     if same:
-        src = f"paper: the published table (ML-1M, one run per row); Δ = ours under {PAPER_PROTOCOL} − paper"
+        src = f"published: the paper's table (ML-1M, one run per row); Δ = ours under {PAPER_PROTOCOL} − published"
     else:
-        src = (f"paper: the published table (ML-1M), for reference only: ours is {df.attrs.get('dataset')}, "
+        src = (f"published: the paper's table (ML-1M), for reference only: ours is {df.attrs.get('dataset')}, "
                f"so no difference is taken")
     note = (f"{src}; ours: mean±sd over {len(seeds)} seed(s) under each protocol (as-run: what the authors' "
             f"code computed; paper: their protocol without its side effect; corrected); † marks reference "
@@ -267,8 +268,8 @@ def profile_comparison(dataset=None, profiles=("quick", "paper"), protocol: str 
         found.append(prof)
     if len(found) < 2:
         return Captioned(pd.DataFrame(), "Rows under several training profiles",
-                         f"needs runs.csv of at least two of the profiles {', '.join(profiles)} under "
-                         f"{results_dir(dataset, profiles[0]).parent}; found {', '.join(found) or 'none'}.")
+                         f"needs results/{dataset}-<profile>/runs.csv of at least two of the profiles "
+                         f"{', '.join(profiles)}; found {', '.join(found) or 'none'}.")
     t = pd.DataFrame(cols)
     t = t.loc[row_order(t.index)]
     a, b = means[found[0]].reindex(t.index), means[found[1]].reindex(t.index)
