@@ -250,19 +250,28 @@ def check_compatible(fisher: dict, model_state) -> None:
 
 # ----------------------------------------------------------------------------- checks, sampling
 
-def _check(model, seq, lengths, targets, estimator, k, batchwise, authors, batch_size) -> int:
+def check_options(estimator, k=None, batchwise=False, authors=False, n_items=None) -> None:
+    """The one check of an estimator's options (rows.FisherSpec and compute_fisher call it): k
+    only for TAKES_K, and there an integer >= 1 (at most n_items when the model is known);
+    batchwise only for SAMPLED; the authors' form only for the target item."""
     if estimator not in ESTIMATORS:
         raise FmpaperError(f"unknown Fisher estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    n_items = model.n_items
     if estimator in TAKES_K:
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= n_items:
-            raise FmpaperError(f"estimator {estimator} needs k in 1..{n_items} (n_items), got {k}")
+        top = n_items if n_items is not None else float("inf")
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= top:
+            span = f"in 1..{n_items} (n_items)" if n_items is not None else ">= 1 (items per sequence)"
+            raise FmpaperError(f"estimator {estimator} needs k {span}, got {k!r}")
     elif k is not None:
-        raise FmpaperError(f"estimator {estimator} takes no k (got k={k})")
+        raise FmpaperError(f"estimator {estimator} takes no k (got k={k}); only {', '.join(TAKES_K)} do")
     if batchwise and estimator not in SAMPLED:
         raise FmpaperError(f"batchwise applies to {', '.join(SAMPLED)}, not to {estimator}")
     if authors and estimator != "target":
-        raise FmpaperError(f"authors=True is the authors' target-item Fisher; not available for {estimator}")
+        raise FmpaperError(f"the authors' form is a target-item Fisher; not available for {estimator}")
+
+
+def _check(model, seq, lengths, targets, estimator, k, batchwise, authors, batch_size) -> int:
+    n_items = model.n_items
+    check_options(estimator, k, batchwise, authors, n_items)
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise FmpaperError(f"batch_size must be a positive integer, got {batch_size}")
     if not torch.is_tensor(seq) or seq.dim() != 2 or len(seq) == 0:

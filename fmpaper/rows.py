@@ -2,19 +2,19 @@
 
 `Row` is one row (a trained model, a merge of trained rows, or an output ensemble); `FisherSpec`
 is one Fisher estimate (estimator, k, batch-wise, the authors' form), used alike by the merge
-rows, the Fisher cache and `fmpaper fisher`. Which estimators take k is decided in one place,
-`fmpaper.fisher.TAKES_K`; `FisherSpec` enforces it.
+rows, the Fisher cache and `fmpaper fisher`. Which estimators take k (and batch-wise, and the
+authors' form) is decided in one place, `fmpaper.fisher.check_options`, which both `FisherSpec`
+and `compute_fisher` call.
 """
 from __future__ import annotations
 
-import numbers
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from . import FmpaperError
-from .fisher import ESTIMATORS, SAMPLED, TAKES_K
+from .fisher import check_options
 
 ROWS_FILE = Path(__file__).with_name("rows.toml")
 
@@ -31,18 +31,7 @@ class FisherSpec:
     authors: bool = False              # the authors' target-item form (logits / 10)
 
     def __post_init__(self):
-        e, k = self.estimator, self.k
-        if e not in ESTIMATORS:
-            raise FmpaperError(f"unknown Fisher estimator {e!r}; choose one of {', '.join(ESTIMATORS)}")
-        if e in TAKES_K:
-            if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-                raise FmpaperError(f"estimator {e} needs k >= 1 (items per sequence), got {k!r}")
-        elif k is not None:
-            raise FmpaperError(f"estimator {e} takes no k (got k={k}); only {', '.join(TAKES_K)} do")
-        if self.batchwise and e not in SAMPLED:
-            raise FmpaperError(f"batchwise applies to {', '.join(SAMPLED)}, not to {e}")
-        if self.authors and e != "target":
-            raise FmpaperError(f"the authors' form is a target-item Fisher; not available for {e}")
+        check_options(self.estimator, self.k, self.batchwise, self.authors)
 
     @property
     def items_per_sequence(self) -> int | None:
