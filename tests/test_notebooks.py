@@ -393,3 +393,17 @@ def test_oracle_reference_is_the_best_member_on_test(smoke_table):
         means = {m: user_ndcg(smoke_table[m], key).mean() for m in rows()["fisher_exact"].members}
         assert r["reference_rows"] == max(means, key=means.get)
         assert r["mean_diff"] == pytest.approx(user_ndcg(smoke_table["fisher_exact"], key).mean() - max(means.values()))
+
+
+def test_ordering_summary_says_when_too_few_fisher_rows_ran(monkeypatch):
+    """With fewer than two of the ten sampled Fisher rows finished there is no spread to state
+    (the paper profile before its merges): the text says so instead of printing nan."""
+    import pandas as pd
+    from fmpaper.pages import anomalies
+    recs = [dict(row=r, seed=0, protocol="paper", mode="full", metric="ndcg@10", value=v)
+            for r, v in (("baseline", 0.06), ("fisher_topk_10", 0.05))]
+    monkeypatch.setattr(anomalies, "runs_table", lambda *a, **k: pd.DataFrame(recs))
+    text = repr(anomalies.ordering_summary("ml-100k", "paper", 1))
+    assert "nan" not in text and "1 of ours is finished" in text
+    recs.append(dict(recs[-1], row="fisher_topk_30", value=0.07))
+    assert "ours span 0.0200" in repr(anomalies.ordering_summary("ml-100k", "paper", 1))
