@@ -13,14 +13,16 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
 from fmpaper import FmpaperError, reproduce
 from fmpaper.evaluate import metrics_from_ranks
-from fmpaper.pages import results
+from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
-from fmpaper.runs import load_paper_table, run_dir, run_row
+from fmpaper.runs import checkpoint_dir, collect, keep_checkpoints, load_paper_table, run_dir, run_row, user_ndcg
+from fmpaper.stats import paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -249,7 +251,6 @@ def test_pages_executed_cleanly(pages):
 
 
 def test_results_page_tables_match_runs(pages, smoke_table, results_env):
-    import pandas as pd
     folder = results_env / "ml-100k-smoke"
     for protocol in ("as-run", "paper", "corrected"):
         table = pd.read_csv(folder / f"table_{protocol}.csv", index_col="row")
@@ -289,7 +290,6 @@ def test_pages_reexecute_identically_with_nbval(pages, tmp_path):
 
 
 def test_profile_comparison_reads_each_profiles_runs(tmp_path, monkeypatch):
-    import pandas as pd
     monkeypatch.setenv("FMPAPER_RESULTS", str(tmp_path))
     base = dict(protocol="paper", mode="full", metric="ndcg@10")
     values = {"quick": {"baseline": [0.05, 0.07], "uniform": [0.03, 0.05], "ensemble": [0.045, 0.045]},
@@ -312,7 +312,6 @@ def test_profile_comparison_reads_each_profiles_runs(tmp_path, monkeypatch):
 def test_same_dataset_tables_keep_the_published_value_beside_each_protocol():
     """On the paper's dataset the published column and our `paper` protocol column are two
     columns: the published value shows, and Δ is ours under as-run minus it."""
-    import pandas as pd
     recs = [dict(row="baseline", seed=0, protocol=p, mode="uni100", metric="ndcg@10", value=v, hardware="cpu",
                  train_seconds=1.0, fisher_seconds=0.0, merge_seconds=0.0)
             for p, v in (("as-run", 0.50), ("paper", 0.40), ("corrected", 0.30))]
@@ -332,9 +331,7 @@ def test_same_dataset_tables_keep_the_published_value_beside_each_protocol():
 # ----------------------------------------------------------------------------- verify
 
 def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, results_env):
-    import pandas as pd
 
-    from fmpaper.runs import checkpoint_dir, collect, keep_checkpoints
     folder = results_env / "ml-100k-smoke"
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
@@ -383,8 +380,6 @@ def fm_cli(*args):
 
 
 def test_oracle_reference_is_the_best_member_on_test(smoke_table):
-    from fmpaper.runs import user_ndcg
-    from fmpaper.stats import paired_tests
     paired = paired_tests("ml-100k", "smoke", [0], names=["fisher_exact"], n_boot=50)
     oracle = paired[paired["reference"] == "best member on test (oracle)"]
     assert len(oracle) == 5                                              # FULL + 4 sampled columns
@@ -398,8 +393,6 @@ def test_oracle_reference_is_the_best_member_on_test(smoke_table):
 def test_ordering_summary_says_when_too_few_fisher_rows_ran(monkeypatch):
     """With fewer than two of the ten sampled Fisher rows finished there is no spread to state
     (the paper profile before its merges): the text says so instead of printing nan."""
-    import pandas as pd
-    from fmpaper.pages import anomalies
     recs = [dict(row=r, seed=0, protocol="paper", mode="full", metric="ndcg@10", value=v)
             for r, v in (("baseline", 0.06), ("fisher_topk_10", 0.05))]
     monkeypatch.setattr(anomalies, "runs_table", lambda *a, **k: pd.DataFrame(recs))
