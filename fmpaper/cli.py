@@ -21,7 +21,7 @@ from .rows import FisherSpec, rows
 from .runs import (CURVE_EPOCHS, base_dir, curve_dir, fisher_of, merge_runs, run_curve, run_dir, run_row,
                    start_weights)
 from .train import load_run, train
-from .verify import summary, verify
+from .verify import restore, restore_summary, summary, verify
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -150,6 +150,11 @@ def cmd_verify(a) -> None:
     print(summary(verify(a.dataset, a.profile, jobs=a.jobs, progress=not a.quiet, seeds=seeds)))
 
 
+def cmd_restore(a) -> None:
+    seeds = seed_list(_parse_seeds(a.seeds)) if a.seeds else None
+    print(restore_summary(restore(a.dataset, a.profile, jobs=a.jobs, progress=not a.quiet, seeds=seeds)))
+
+
 def cmd_reproduce(a) -> None:
     reproduce(profile=a.profile, dataset=a.dataset, seeds=_parse_seeds(a.seeds), rows=a.rows,
               book=not a.no_book, jobs=a.jobs, compute=not a.pages_only)
@@ -258,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--jobs", type=int, default=2, help="runs recomputed at a time (default 2)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_verify)
+
+    w = sub.add_parser("restore", help="rebuild the kept checkpoints' runs in the run cache (checked against "
+                                       "runs.csv), so merges, pages and seeds build on them without retraining")
+    w.add_argument("--dataset", default="ml-100k")
+    w.add_argument("--profile", default="quick", choices=tuple(PROFILES))
+    w.add_argument("--seeds", help="only these seeds and the runs their rows need: N (0..N-1), a list 3,4 or a "
+                                   "range 3-5 (default: every kept checkpoint)")
+    w.add_argument("--jobs", type=int, default=2, help="runs restored at a time (default 2)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_restore)
     return p
 
 

@@ -443,6 +443,20 @@ def checkpoint_files(dataset_: str | None, profile: str, name: str, seed: int) -
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
+def checkpoint_record(dataset_: str | None, profile: str, name: str, seed: int) -> Path:
+    """The training record kept beside a checkpoint (<row>-s<seed>.record.json): the run's
+    metrics.json without its test metrics (best epoch, epochs run, seconds, hardware, ...) and its
+    per-epoch history, so that a run restored from the checkpoint reads as the run that trained it."""
+    return checkpoint_dir(dataset_, profile) / f"{name}-s{seed}.record.json"
+
+
+def training_record(run: Path) -> dict:
+    """{"metrics", "history"} of a finished run, as `checkpoint_record` keeps them."""
+    m = {k: v for k, v in metrics_of(run).items() if k not in ("test", "data")}
+    h = Path(run) / "history.json"
+    return {"metrics": m, "history": json.loads(h.read_text()) if h.is_file() else None}
+
+
 def trained_weights(row: Row) -> bool:
     """Whether a row's weights come out of training (a trained row, or a merge trained further
     after merging): the runs whose checkpoints are kept, since recomputing them means training."""
@@ -461,17 +475,19 @@ def kept_runs(dataset_: str | None, profile: str, seeds: list[int]) -> dict:
 
 
 def keep_checkpoints(dataset_: str | None, profile: str, seeds: list[int]) -> list[Path]:
-    """Copy the kept weights (`kept_runs`) and config of every finished run into the results
-    folder (results/<dataset>-<profile>/checkpoints/), so a reader can verify the book without
-    retraining. Weights only (no optimizer state); each file lands whole (temporary name, then
-    rename)."""
+    """Copy the kept weights (`kept_runs`), config and training record of every finished run into
+    the results folder (results/<dataset>-<profile>/checkpoints/), so a reader can verify the book
+    without retraining and restore the runs (`fmpaper restore`). Weights only (no optimizer state);
+    each file lands whole (temporary name, then rename)."""
     kept = []
     for (name, seed), d in sorted(kept_runs(dataset_, profile, seeds).items()):
-        for src, dst in zip((d / "model.safetensors", d / "config.json"), checkpoint_files(dataset_, profile, name, seed)):
-            data = src.read_bytes()
+        weights, conf = checkpoint_files(dataset_, profile, name, seed)
+        record = json.dumps(training_record(d), indent=1, sort_keys=True).encode()
+        for data, dst in (((d / "model.safetensors").read_bytes(), weights), ((d / "config.json").read_bytes(), conf),
+                          (record, checkpoint_record(dataset_, profile, name, seed))):
             if dst.is_file() and dst.read_bytes() == data:
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             _replace(dst, lambda tmp: tmp.write_bytes(data))
-        kept.append(checkpoint_files(dataset_, profile, name, seed)[0])
+        kept.append(weights)
     return kept

@@ -191,11 +191,12 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
 
 def finish_run(part: Path, out: Path, model: SASRec | None, data: SeqData, cfg: Config, metrics: dict,
                history: list | None = None, ranks_of=None) -> dict:
-    """Evaluate on the test split (both protocols), write the final files into `part`, drop the
+    """Evaluate on the test split (every protocol), write the final files into `part`, drop the
     resume state and rename `part` to `out`. `ranks_of` scores something other than `model`
     (an output ensemble, which has no checkpoint). Returns the completed metrics."""
     test, ranks = test_report(ranks_of or model, data, seed=cfg.seed)
-    metrics.update(test=test, hardware=hardware(), data=data.stats())
+    metrics.update(test=test, data=data.stats())
+    metrics.setdefault("hardware", hardware())     # a restored run keeps the machine that trained it
     if model is not None:
         _save_tensors(part / "model.safetensors", model.state_dict())
     _save_tensors(part / "ranks.safetensors", ranks)

@@ -1,4 +1,4 @@
-"""`fmpaper verify`: check the book's numbers without retraining.
+"""`fmpaper verify` and `fmpaper restore`: the book's numbers from the kept checkpoints.
 
 The repository keeps the weights of every trained row the book shows
 (results/<dataset>-<profile>/checkpoints/<row>-s<seed>.safetensors, with the run's config as
@@ -10,10 +10,17 @@ with the committed runs.csv.
 Tasks run `jobs` at a time, each with cores/jobs threads as `fmpaper reproduce` trains them;
 the progress bar counts work in the same units as reproduce's. The first mismatch, a missing
 checkpoint or a checkpoint whose config is not its row's ends in one line and exit status 2.
+
+`restore` rebuilds the same trained runs in the run cache itself, each checked against runs.csv
+as it lands, with the training record kept beside its checkpoint (or, for checkpoints kept
+without one, the record runs.csv holds): a fresh machine can then compute new merges, pages or
+seeds of the set without retraining what the repository already holds.
 """
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import tempfile
 import time
 from functools import partial
@@ -27,17 +34,21 @@ from .config import Config
 from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
-from .rows import get_row, with_needs
-from .runs import (checkpoint_dir, checkpoint_files, dataset, dataset_name, finetune_config, results_dir, run_dir,
+from .rows import get_row, in_family, with_needs
+from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, finetune_config,
+                   results_dir, run_dir, runs_root,
                    run_row, train_config, trained_weights)
-from .train import finish_run
+from .train import finish_run, hardware
 
 TOLERANCE = 1e-6
 EVAL_COST = 0.02       # one evaluation under the three protocols, in reproduce's work units
 
 
-def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> dict:
-    """Rebuild a trained row's run in the scratch root from its kept checkpoint; its metrics."""
+def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | Path,
+                record: dict | None = None) -> dict:
+    """Rebuild a trained row's run under runs root `root` from its kept checkpoint; its metrics.
+    `record` ({"metrics", "history"}, see runs.training_record) is what the training wrote
+    besides the weights; the test metrics and validation NDCG@10 are always recomputed."""
     weights, conf = checkpoint_files(dataset_, profile, name, seed)
     if not weights.is_file() or not conf.is_file():
         raise FmpaperError(f"no kept checkpoint for row {name} seed {seed} ({weights.name} in {weights.parent})")
@@ -63,9 +74,12 @@ def _restore(name: str, dataset_: str, profile: str, seed: int, root: str) -> di
     model.eval()
     out = run_dir(name, dataset_, profile, seed, root=Path(root))
     part = out.with_name(out.name + ".partial")
-    part.mkdir(parents=True, exist_ok=True)
-    metrics = {"valid_ndcg@10": valid_ndcg10(model, data), "restored_from": weights.name}
-    return finish_run(part, out, model, data, cfg, metrics)
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    record = record or {}
+    metrics = {**record.get("metrics", {}), "valid_ndcg@10": valid_ndcg10(model, data),
+               "restored_from": weights.name, "restored_on": hardware()}
+    return finish_run(part, out, model, data, cfg, metrics, record.get("history"))
 
 
 def _kind(name: str) -> str:
@@ -79,7 +93,7 @@ def _combine(name: str, dataset_: str, profile: str, seed: int, root: str) -> di
 
 def _task(task: tuple, dataset_: str, profile: str, root: str) -> dict:
     kind, name, seed = task
-    return (_restore if kind == "train" else _combine)(name, dataset_, profile, seed, root)
+    return (restore_run if kind == "train" else _combine)(name, dataset_, profile, seed, root)
 
 
 def compare(expected: pd.DataFrame, name: str, seed: int, metrics: dict) -> list[str]:
@@ -142,3 +156,74 @@ def verify(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int =
 def summary(result: dict) -> str:
     return (f"verified {result['runs']} runs of {result['set']} (seeds {', '.join(map(str, result['seeds']))}): "
             f"all {result['values']} values of runs.csv recomputed within {TOLERANCE:g} in {result['seconds']:.0f} s")
+
+
+# what runs.csv holds of a training record, for checkpoints kept without their record file
+RECORD_COLUMNS = ("best_epoch", "epochs_run", "train_seconds", "fisher_seconds", "merge_seconds", "hardware")
+
+
+def kept_record(expected: pd.DataFrame, dataset_: str, profile: str, name: str, seed: int) -> dict:
+    """The training record of a kept checkpoint: its .record.json, else what runs.csv holds."""
+    path = checkpoint_record(dataset_, profile, name, seed)
+    if path.is_file():
+        return json.loads(path.read_text())
+    lines = expected[(expected["row"] == name) & (expected["seed"] == seed)]
+    if lines.empty:
+        return {}
+    first = lines.iloc[0]
+    m = {c: first[c] for c in RECORD_COLUMNS if c in first and pd.notna(first[c])}
+    m = {c: (int(v) if c in ("best_epoch", "epochs_run") else v if c == "hardware" else float(v)) for c, v in m.items()}
+    return {"metrics": {**m, "record": "runs.csv"}, "history": None}
+
+
+def _restore_task(task: tuple, dataset_: str, profile: str, csv: str) -> dict:
+    _, name, seed = task
+    record = kept_record(pd.read_csv(csv), dataset_, profile, name, seed)
+    return restore_run(name, dataset_, profile, seed, runs_root(), record)
+
+
+def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int = 2, progress: bool = True,
+            seeds: list[int] | None = None) -> dict:
+    """Rebuild every kept checkpoint of results/<dataset>-<profile> (of `seeds` and the runs their
+    rows need, default all) as a finished run in the run cache, checking each against runs.csv;
+    runs already in the cache are left as they are. FmpaperError on a mismatch (the mismatching
+    run is removed again). Returns {"set", "restored", "present", "root", "seconds"}."""
+    t0 = time.perf_counter()
+    csv = results_dir(dataset_, profile) / "runs.csv"
+    ckpts = checkpoint_dir(dataset_, profile)
+    if not csv.is_file() or not ckpts.is_dir():
+        raise FmpaperError(f"nothing to restore: {dataset_name(dataset_, profile)}-{profile} has no "
+                           f"{'runs.csv' if not csv.is_file() else 'kept checkpoints'} in {csv.parent}")
+    kept = set()
+    for f in ckpts.glob("*.safetensors"):
+        m = re.fullmatch(r"(.+)-s(\d+)", f.stem)
+        if m:
+            kept.add((m.group(1), int(m.group(2))))
+    if seeds is not None:
+        wanted = set(with_needs((n, s) for s in seeds for n in in_family(None, profile)))
+        kept &= wanted
+    expected = pd.read_csv(csv)
+    todo, present = [], 0
+    for name, seed in sorted(kept, key=lambda t: (t[1], t[0])):
+        if (run_dir(name, dataset_, profile, seed) / "metrics.json").is_file():
+            present += 1
+        else:
+            todo.append(("train", name, seed))
+
+    def check(task, metrics):
+        _, name, seed = task
+        bad = compare(expected, name, seed, metrics)
+        if bad:
+            shutil.rmtree(run_dir(name, dataset_, profile, seed), ignore_errors=True)
+            raise FmpaperError(f"mismatch, not restored: {bad[0]}")
+    run_tasks(partial(_restore_task, dataset_=dataset_, profile=profile, csv=str(csv)), todo,
+              {t: set() for t in todo}, jobs, {t: round(100 * EVAL_COST) for t in todo},
+              f"restore {dataset_name(dataset_, profile)}-{profile}", "runs", progress, on_done=check)
+    return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "restored": len(todo), "present": present,
+            "root": str(runs_root()), "seconds": time.perf_counter() - t0}
+
+
+def restore_summary(result: dict) -> str:
+    return (f"restored {result['restored']} runs of {result['set']} into {result['root']} "
+            f"({result['present']} already there), each matching runs.csv within {TOLERANCE:g}, "
+            f"in {result['seconds']:.0f} s")

@@ -21,7 +21,7 @@ from fmpaper import FmpaperError, reproduce
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
-from fmpaper.runs import checkpoint_dir, collect, keep_checkpoints, load_paper_table, run_dir, run_row, user_ndcg
+from fmpaper.runs import checkpoint_dir, checkpoint_record, collect, keep_checkpoints, load_paper_table, run_dir, run_row, user_ndcg
 from fmpaper.stats import paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,8 +375,58 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     assert r.returncode == 2 and ("nothing to verify" in r.stderr or "no kept checkpoints" in r.stderr)
 
 
-def fm_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fmpaper", *args], capture_output=True, text=True)
+def fm_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fmpaper", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table, results_env, tmp_path):
+    """`fmpaper restore` into an empty runs root: the trained runs come back as the runs that
+    trained them (record, history, test metrics), and a merge computed from them is the merge
+    computed from the originals."""
+    folder = results_env / "ml-100k-smoke"
+    folder.mkdir(parents=True, exist_ok=True)
+    collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
+    kept = keep_checkpoints("ml-100k", "smoke", [0])
+    records = [checkpoint_record("ml-100k", "smoke", p.stem.rsplit("-s", 1)[0], int(p.stem.rsplit("-s", 1)[1]))
+               for p in kept]
+    assert all(r.is_file() for r in records)
+    root = tmp_path / "runs"
+    env = {"FMPAPER_RUNS": str(root)}
+    # one checkpoint kept without its record (as kept before records existed): runs.csv supplies it
+    checkpoint_record("ml-100k", "smoke", "duorec_unsup", 0).unlink()
+    ok = fm_cli("restore", "--dataset", "ml-100k", "--profile", "smoke", "--quiet", env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.startswith(f"restored {len(kept)} runs of ml-100k-smoke into {root} (0 already there)")
+    for name in ("baseline", "cl4srec_as_run", "ft_uniform_tuned", "duorec_unsup"):
+        orig, back = smoke_table[name], run_dir(name, "ml-100k", "smoke", 0, root=root)
+        a, b = json.loads((orig / "metrics.json").read_text()), json.loads((back / "metrics.json").read_text())
+        for key in ("best_epoch", "epochs_run", "train_seconds", "hardware"):
+            assert b[key] == pytest.approx(a[key]), (name, key)
+        assert_close_metrics(b["test"], a["test"], tol=1e-6)
+        assert b["restored_from"] == f"{name}-s0.safetensors"
+        if name != "duorec_unsup":
+            assert (back / "history.json").read_text() == (orig / "history.json").read_text()
+    assert json.loads((run_dir("duorec_unsup", "ml-100k", "smoke", 0, root=root) / "metrics.json").read_text())[
+        "record"] == "runs.csv"
+    # a merge from the restored members equals the merge from the originals
+    merged = run_row("fisher_random_10", "ml-100k", "smoke", 0, root=root, progress=False)
+    assert_close_metrics(merged["test"], json.loads((smoke_table["fisher_random_10"] / "metrics.json").read_text())["test"],
+                         tol=1e-6)
+    again = fm_cli("restore", "--dataset", "ml-100k", "--profile", "smoke", "--quiet", env=env)
+    assert again.returncode == 0 and f"restored 0 runs of ml-100k-smoke into {root} ({len(kept)} already there)" \
+        in again.stdout
+    # a checkpoint that does not give runs.csv's numbers is refused and leaves no run behind
+    csv = pd.read_csv(folder / "runs.csv")
+    csv.loc[(csv["row"] == "baseline") & (csv["mode"] == "full"), "value"] += 1e-3
+    csv.to_csv(folder / "runs.csv", index=False)
+    fresh = {"FMPAPER_RUNS": str(tmp_path / "fresh")}
+    bad = fm_cli("restore", "--dataset", "ml-100k", "--profile", "smoke", "--seeds", "1", "--jobs", "1", "--quiet",
+                 env=fresh)
+    assert bad.returncode == 2 and "mismatch, not restored: baseline seed 0" in bad.stderr, bad.stderr[-2000:]
+    assert not run_dir("baseline", "ml-100k", "smoke", 0, root=tmp_path / "fresh").exists()
+    none = fm_cli("restore", "--dataset", "ml-100k", "--profile", "paper", "--quiet", env=fresh)
+    assert none.returncode == 2 and "nothing to restore" in none.stderr and none.stderr.count("\n") == 1
 
 
 def test_oracle_reference_is_the_best_member_on_test(smoke_table):
