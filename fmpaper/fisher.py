@@ -379,7 +379,8 @@ def _per_example(model, seq, lengths, draw, temperature, acc, batch_size, progre
 
 
 def _batchwise(model, seq, lengths, items, weights, temperature, acc, batch_size, progress, name):
-    """Poster's batch-wise form: acc += (sum_i w_ij) (grad sum_i log p(v_ij | s_i))^2 / |batch|."""
+    """Batch-wise form: acc += (sum_i w_ij) (grad sum_i log p(v_ij | s_i))^2 / |batch|, pairing the j-th
+    sampled item of every sequence of the batch (the poster shares one item per draw instead: book/fisher.md)."""
     params = dict(model.named_parameters())
     n_params = sum(p.numel() for p in params.values())
     itemsize = next(iter(params.values())).element_size()

@@ -27,7 +27,7 @@ class FisherSpec:
     """One diagonal-Fisher estimate of a model over its validation inputs (fmpaper.fisher)."""
     estimator: str                     # one of fisher.ESTIMATORS
     k: int | None = None               # items drawn per sequence: only for fisher.TAKES_K
-    batchwise: bool = False            # the poster's batch-sum approximation (sampled estimators)
+    batchwise: bool = False            # square the gradient of a batch sum over the j-th draws (sampled estimators)
     authors: bool = False              # the authors' target-item form (logits / 10)
 
     def __post_init__(self):
@@ -52,7 +52,7 @@ class Row:
     method: str = "fisher"             # merge rows: "fisher" or "uniform"
     estimator: str | None = None       # fisher merges: one of fisher.ESTIMATORS
     k: int | None = None               # items per sequence for the estimators in fisher.TAKES_K
-    batchwise: bool = False            # the poster's batch-sum Fisher approximation
+    batchwise: bool = False            # the batch-sum Fisher approximation (see FisherSpec)
     members: tuple = ()                # merge/ensemble rows: names of the train rows combined
     finetune_epochs: int = 0           # CE epochs after merging (the authors used 10)
     finetune_lr: float | None = None   # their learning rate (None: the first member's)

@@ -169,12 +169,17 @@ def run_dir(name: str, dataset_: str | None = None, profile: str = "quick", seed
 
 # the epoch-budget check of a profile: SASRec trained this many epochs, never stopped early
 CURVE_EPOCHS = 8
+CURVE_NAME = f"curve-sasrec-e{CURVE_EPOCHS}"
 
 
-def curve_dir(dataset_: str | None, profile: str, seed: int = 0) -> Path:
+def curve_dir(dataset_: str | None, profile: str, seed: int = 0, root: Path | None = None) -> Path:
     """Where `fmpaper curve` trains SASRec for CURVE_EPOCHS epochs without early stopping: the
     validation NDCG@10 of every epoch shows whether the profile's epochs suffice on a dataset."""
-    return seed_dir(dataset_, profile, seed) / f"curve-sasrec-e{CURVE_EPOCHS}"
+    return seed_dir(dataset_, profile, seed, root) / CURVE_NAME
+
+
+def curve_config(dataset_: str | None, profile: str, seed: int = 0) -> Config:
+    return make_config(profile, dataset=dataset_, seed=seed, epochs=CURVE_EPOCHS, patience=CURVE_EPOCHS)
 
 
 def run_curve(dataset_: str | None, profile: str, seed: int = 0, progress: bool = True) -> dict:
@@ -182,8 +187,39 @@ def run_curve(dataset_: str | None, profile: str, seed: int = 0, progress: bool 
     out = curve_dir(dataset_, profile, seed)
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
-    cfg = make_config(profile, dataset=dataset_, seed=seed, epochs=CURVE_EPOCHS, patience=CURVE_EPOCHS)
+    cfg = curve_config(dataset_, profile, seed)
     return train(cfg, out, progress=progress, data=dataset(cfg))
+
+
+# the rows whose twins trained with random batches (group_by_length = false) the results page
+# sets beside them: the check that grouping batches by length changes nothing beyond seed noise
+BATCH_CHECK = ("duorec_unsup", "cl4srec")
+RANDOM_BATCHES = "+random_batches"     # the name suffix of such a twin among the kept checkpoints
+
+
+def extra_runs() -> list[str]:
+    """Names of the runs the pages read besides the table's rows, kept and restored like them:
+    the epoch-budget curve and the random-batch twins."""
+    return [CURVE_NAME, *(n + RANDOM_BATCHES for n in BATCH_CHECK)]
+
+
+def kept_target(name: str, dataset_: str | None, profile: str, seed: int, root: Path | None = None) -> tuple[Path, Config]:
+    """(run dir, config its training must have) of a run with kept weights: a trained row, a
+    merge trained further, or one of `extra_runs`."""
+    if name == CURVE_NAME:
+        return curve_dir(dataset_, profile, seed, root), curve_config(dataset_, profile, seed)
+    if name.endswith(RANDOM_BATCHES) and name.removesuffix(RANDOM_BATCHES) in BATCH_CHECK:
+        base = name.removesuffix(RANDOM_BATCHES)
+        return (run_dir(base, dataset_, profile, seed, root, group_by_length=False),
+                train_config(get_row(base), dataset_, profile, seed, group_by_length=False))
+    row = get_row(name)
+    if row.kind == "train":
+        cfg = train_config(row, dataset_, profile, seed)
+    else:   # a merge trained further: the training its first member's config implies
+        first, s0 = row.needs(seed)[0]
+        cfg = finetune_config(train_config(get_row(first), dataset_, profile, s0), row.finetune_epochs,
+                              row.finetune_lr)
+    return run_dir(name, dataset_, profile, seed, root), cfg
 
 
 def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed: int = 0,
@@ -465,12 +501,17 @@ def trained_weights(row: Row) -> bool:
 
 def kept_runs(dataset_: str | None, profile: str, seeds: list[int]) -> dict:
     """{(row, seed): run dir} of every finished run with trained weights that the profile's rows
-    for `seeds` use, members of other seeds (seed_shift) included."""
+    for `seeds` use, members of other seeds (seed_shift) included, and of the `extra_runs`."""
     out = {}
     for name, seed in with_needs((n, s) for s in seeds for n in in_family(None, profile)):
         d = run_dir(name, dataset_, profile, seed)
         if trained_weights(get_row(name)) and (d / "metrics.json").is_file():
             out[(name, seed)] = d
+    for name in extra_runs():
+        for seed in seeds:
+            d = kept_target(name, dataset_, profile, seed)[0]
+            if (d / "metrics.json").is_file():
+                out[(name, seed)] = d
     return out
 
 

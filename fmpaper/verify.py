@@ -35,9 +35,8 @@ from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row, in_family, with_needs
-from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, finetune_config,
-                   results_dir, run_dir, runs_root,
-                   run_row, train_config, trained_weights)
+from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs,
+                   kept_target, results_dir, run_row, runs_root, trained_weights)
 from .train import finish_run, hardware
 
 TOLERANCE = 1e-6
@@ -53,13 +52,7 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
     if not weights.is_file() or not conf.is_file():
         raise FmpaperError(f"no kept checkpoint for row {name} seed {seed} ({weights.name} in {weights.parent})")
     cfg = Config.from_dict(json.loads(conf.read_text()))
-    row = get_row(name)
-    if row.kind == "train":
-        expected = train_config(row, dataset_, profile, seed)
-    else:   # a merge trained further: the training its first member's config implies
-        first, s0 = row.needs(seed)[0]
-        expected = finetune_config(train_config(get_row(first), dataset_, profile, s0), row.finetune_epochs,
-                                   row.finetune_lr)
+    out, expected = kept_target(name, dataset_, profile, seed, Path(root))
     got, want = cfg.identity(), expected.identity()
     if got != want:
         diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
@@ -72,12 +65,16 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
     except Exception as e:  # wrong shapes or names
         raise FmpaperError(f"checkpoint {weights.name} does not fit row {name}: {str(e).splitlines()[0]}") from None
     model.eval()
-    out = run_dir(name, dataset_, profile, seed, root=Path(root))
+    record = record or {}
+    valid = valid_ndcg10(model, data)
+    recorded = record.get("metrics", {}).get("valid_ndcg@10")
+    if recorded is not None and not abs(valid - recorded) <= TOLERANCE:
+        raise FmpaperError(f"mismatch, not restored: {name} seed {seed} validation NDCG@10: recorded "
+                           f"{recorded:.8f}, recomputed {valid:.8f}")
     part = out.with_name(out.name + ".partial")
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
-    record = record or {}
-    metrics = {**record.get("metrics", {}), "valid_ndcg@10": valid_ndcg10(model, data),
+    metrics = {**record.get("metrics", {}), "valid_ndcg@10": valid,
                "restored_from": weights.name, "restored_on": hardware()}
     return finish_run(part, out, model, data, cfg, metrics, record.get("history"))
 
@@ -105,7 +102,7 @@ def compare(expected: pd.DataFrame, name: str, seed: int, metrics: dict) -> list
         if not abs(got - r["value"]) <= TOLERANCE:
             bad.append(f"{name} seed {seed} {r['protocol']} {r['mode']} {r['metric']}: "
                        f"runs.csv {r['value']:.8f}, recomputed {got:.8f}")
-    if trained_weights(get_row(name)) and len(lines):
+    if len(lines) and trained_weights(get_row(name)):
         want = float(lines["valid_ndcg10"].iloc[0])
         if not abs(metrics["valid_ndcg@10"] - want) <= TOLERANCE:
             bad.append(f"{name} seed {seed} validation NDCG@10: runs.csv {want:.8f}, "
@@ -201,11 +198,11 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
             kept.add((m.group(1), int(m.group(2))))
     if seeds is not None:
         wanted = set(with_needs((n, s) for s in seeds for n in in_family(None, profile)))
-        kept &= wanted
+        kept = {(n, s) for n, s in kept if (n, s) in wanted or (n in extra_runs() and s in seeds)}
     expected = pd.read_csv(csv)
     todo, present = [], 0
     for name, seed in sorted(kept, key=lambda t: (t[1], t[0])):
-        if (run_dir(name, dataset_, profile, seed) / "metrics.json").is_file():
+        if (kept_target(name, dataset_, profile, seed)[0] / "metrics.json").is_file():
             present += 1
         else:
             todo.append(("train", name, seed))
@@ -214,7 +211,7 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
         _, name, seed = task
         bad = compare(expected, name, seed, metrics)
         if bad:
-            shutil.rmtree(run_dir(name, dataset_, profile, seed), ignore_errors=True)
+            shutil.rmtree(kept_target(name, dataset_, profile, seed)[0], ignore_errors=True)
             raise FmpaperError(f"mismatch, not restored: {bad[0]}")
     run_tasks(partial(_restore_task, dataset_=dataset_, profile=profile, csv=str(csv)), todo,
               {t: set() for t in todo}, jobs, {t: round(100 * EVAL_COST) for t in todo},

@@ -21,7 +21,8 @@ from fmpaper import FmpaperError, reproduce
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
-from fmpaper.runs import checkpoint_dir, checkpoint_record, collect, keep_checkpoints, load_paper_table, run_dir, run_row, user_ndcg
+from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_record, collect, curve_dir, extra_runs,
+                          keep_checkpoints, load_paper_table, run_curve, run_dir, run_row, user_ndcg)
 from fmpaper.stats import paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,7 +339,8 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     kept = keep_checkpoints("ml-100k", "smoke", [0])
     # 6 trained rows of the table, cl4srec_as_run, 4 fine-tuned objectives, 12 merges trained
     # further, and the two members of other seeds that the three-seed merges use
-    assert len(kept) == 25 and all(p.with_suffix(".json").is_file() for p in kept)
+    of_rows = [p for p in kept if p.stem.rsplit("-s", 1)[0] not in extra_runs()]
+    assert len(of_rows) == 25 and all(p.with_suffix(".json").is_file() for p in kept)
     names = {p.stem for p in kept}
     assert {"ft_uniform_tuned-s0", "duorec_sup-s1", "duorec_supunsup-s2", "cl4srec_as_run-s0"} <= names
     assert not list(checkpoint_dir("ml-100k", "smoke").glob("*.tmp"))
@@ -387,7 +389,11 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
     folder = results_env / "ml-100k-smoke"
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
+    # the runs the pages read besides the rows: the epoch-budget curve and a random-batch twin
+    run_curve("ml-100k", "smoke", progress=False)
+    run_row("duorec_unsup", "ml-100k", "smoke", 0, progress=False, group_by_length=False)
     kept = keep_checkpoints("ml-100k", "smoke", [0])
+    assert {CURVE_NAME + "-s0", "duorec_unsup" + RANDOM_BATCHES + "-s0"} <= {p.stem for p in kept}
     records = [checkpoint_record("ml-100k", "smoke", p.stem.rsplit("-s", 1)[0], int(p.stem.rsplit("-s", 1)[1]))
                for p in kept]
     assert all(r.is_file() for r in records)
@@ -409,6 +415,12 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
             assert (back / "history.json").read_text() == (orig / "history.json").read_text()
     assert json.loads((run_dir("duorec_unsup", "ml-100k", "smoke", 0, root=root) / "metrics.json").read_text())[
         "record"] == "runs.csv"
+    for orig, back in ((curve_dir("ml-100k", "smoke"), curve_dir("ml-100k", "smoke", root=root)),
+                       (run_dir("duorec_unsup", "ml-100k", "smoke", 0, group_by_length=False),
+                        run_dir("duorec_unsup", "ml-100k", "smoke", 0, root=root, group_by_length=False))):
+        assert (back / "history.json").read_text() == (orig / "history.json").read_text()
+        assert json.loads((back / "metrics.json").read_text())["valid_ndcg@10"] == pytest.approx(
+            json.loads((orig / "metrics.json").read_text())["valid_ndcg@10"], abs=1e-6)
     # a merge from the restored members equals the merge from the originals
     merged = run_row("fisher_random_10", "ml-100k", "smoke", 0, root=root, progress=False)
     assert_close_metrics(merged["test"], json.loads((smoke_table["fisher_random_10"] / "metrics.json").read_text())["test"],

@@ -15,8 +15,8 @@ from ..data import batches
 from ..evaluate import PROTOCOLS
 from ..objectives import Objective
 from ..rows import labels, row_order
-from ..runs import (PAPER_COLUMNS, collect, dataset_name, load_paper_table, metrics_of, profile_data, results_dir,
-                    run_dir)
+from ..runs import (BATCH_CHECK, PAPER_COLUMNS, collect, dataset_name, load_paper_table, metrics_of, profile_data,
+                    results_dir, run_dir)
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
 from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, mean_sd, provenance, seeds_text, to_markdown
 from .figures import fisher_costs
@@ -293,7 +293,7 @@ def single_length_batches(dataset=None, profile="quick", seed=0) -> tuple[int, i
     return sum(int(lengths[b].min() == lengths[b].max()) for b in steps), len(steps)
 
 
-def batch_grouping(dataset=None, profile="quick", seeds=(0, 1), names=("duorec_unsup", "cl4srec"),
+def batch_grouping(dataset=None, profile="quick", seeds=(0, 1), names=BATCH_CHECK,
                    noise_seeds=None) -> Captioned:
     """Validation NDCG@10 of rows trained with batches grouped by length (the default) and with
     random batches (`group_by_length=false`, runs made with that override), per seed; the mean
