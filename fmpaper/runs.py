@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -477,6 +478,12 @@ def checkpoint_files(dataset_: str | None, profile: str, name: str, seed: int) -
     """(weights, config) of a kept checkpoint: <row>-s<seed>.safetensors and .json."""
     stem = checkpoint_dir(dataset_, profile) / f"{name}-s{seed}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def kept_checkpoints(dataset_: str | None, profile: str) -> set[tuple[str, int]]:
+    """{(row, seed)} of every kept checkpoint of a set, read back from the names `checkpoint_files` gives."""
+    found = (re.fullmatch(r"(.+)-s(\d+)", f.stem) for f in checkpoint_dir(dataset_, profile).glob("*.safetensors"))
+    return {(m.group(1), int(m.group(2))) for m in found if m}
 
 
 def checkpoint_record(dataset_: str | None, profile: str, name: str, seed: int) -> Path:

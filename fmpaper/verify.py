@@ -19,7 +19,6 @@ seeds of the set without retraining what the repository already holds.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -36,7 +35,7 @@ from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row, in_family, with_needs
 from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs,
-                   kept_target, results_dir, run_row, runs_root, trained_weights)
+                   kept_checkpoints, kept_target, results_dir, run_row, runs_root, trained_weights)
 from .train import finish_run, hardware
 
 TOLERANCE = 1e-6
@@ -173,10 +172,9 @@ def kept_record(expected: pd.DataFrame, dataset_: str, profile: str, name: str, 
     return {"metrics": {**m, "record": "runs.csv"}, "history": None}
 
 
-def _restore_task(task: tuple, dataset_: str, profile: str, csv: str) -> dict:
+def _restore_task(task: tuple, dataset_: str, profile: str, records: dict) -> dict:
     _, name, seed = task
-    record = kept_record(pd.read_csv(csv), dataset_, profile, name, seed)
-    return restore_run(name, dataset_, profile, seed, runs_root(), record)
+    return restore_run(name, dataset_, profile, seed, runs_root(), records[task])
 
 
 def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int = 2, progress: bool = True,
@@ -191,11 +189,7 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
     if not csv.is_file() or not ckpts.is_dir():
         raise FmpaperError(f"nothing to restore: {dataset_name(dataset_, profile)}-{profile} has no "
                            f"{'runs.csv' if not csv.is_file() else 'kept checkpoints'} in {csv.parent}")
-    kept = set()
-    for f in ckpts.glob("*.safetensors"):
-        m = re.fullmatch(r"(.+)-s(\d+)", f.stem)
-        if m:
-            kept.add((m.group(1), int(m.group(2))))
+    kept = kept_checkpoints(dataset_, profile)
     if seeds is not None:
         wanted = set(with_needs((n, s) for s in seeds for n in in_family(None, profile)))
         kept = {(n, s) for n, s in kept if (n, s) in wanted or (n in extra_runs() and s in seeds)}
@@ -213,7 +207,8 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
         if bad:
             shutil.rmtree(kept_target(name, dataset_, profile, seed)[0], ignore_errors=True)
             raise FmpaperError(f"mismatch, not restored: {bad[0]}")
-    run_tasks(partial(_restore_task, dataset_=dataset_, profile=profile, csv=str(csv)), todo,
+    records = {t: kept_record(expected, dataset_, profile, t[1], t[2]) for t in todo}
+    run_tasks(partial(_restore_task, dataset_=dataset_, profile=profile, records=records), todo,
               {t: set() for t in todo}, jobs, {t: round(100 * EVAL_COST) for t in todo},
               f"restore {dataset_name(dataset_, profile)}-{profile}", "runs", progress, on_done=check)
     return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "restored": len(todo), "present": present,
