@@ -41,7 +41,7 @@ from .config import PROFILES, make_config
 from .pages.display import check_params
 from .pages.results import write_tables
 from .rows import get_row, in_family, with_needs
-from .runs import checkpoint_dir, keep_checkpoints, repo_root, results_dir, run_dir
+from .runs import checkpoint_dir, is_finished, keep_checkpoints, repo_root, results_dir, run_dir
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies", "fidelity")
 # the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
@@ -146,7 +146,7 @@ def work_units(task, profile: str, dataset: str | None) -> int:
     """A row's share of the progress bar, in hundredths of a SASRec training: its expected cost,
     or one unit when the run is cached already (its notebook only reads it back)."""
     seed, name, _ = task
-    if (run_dir(name, dataset, profile, seed) / "metrics.json").is_file():
+    if is_finished(run_dir(name, dataset, profile, seed)):
         return 1
     return round(100 * row_cost(name))
 

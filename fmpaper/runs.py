@@ -36,7 +36,7 @@ from .evaluate import PROTOCOLS, metrics_from_ranks, ndcg, ranks
 from .fisher import compute_fisher, load_fisher, save_fisher
 from .merge import fisher_merge, uniform_merge
 from .rows import FisherSpec, Row, get_row, in_family, rows, with_needs
-from .train import finish_run, hardware, load_data, load_run, train
+from .train import finish_run, hardware, load_data, load_run, partial_dir, train
 
 PAPER_TABLE = Path(__file__).with_name("paper") / "table.csv"
 # paper table column of each (mode, metric) the paper reports
@@ -186,8 +186,8 @@ def curve_config(dataset_: str | None, profile: str, seed: int = 0) -> Config:
 def run_curve(dataset_: str | None, profile: str, seed: int = 0, progress: bool = True) -> dict:
     """Metrics of the epoch-budget check (`curve_dir`), training it (resumably) if needed."""
     out = curve_dir(dataset_, profile, seed)
-    if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
+    if is_finished(out):
+        return metrics_of(out)
     cfg = curve_config(dataset_, profile, seed)
     return train(cfg, out, progress=progress, data=dataset(cfg))
 
@@ -263,8 +263,8 @@ def start_weights(cfg: Config, base: Path) -> dict:
     token's row zeroed for CL4SRec (the authors appended a zero row to SASRec's table; every
     model here reserves that row, so it is reset instead). Checked before anything is written."""
     base = Path(base)
-    if not (base / "metrics.json").is_file():
-        state = "unfinished" if base.with_name(base.name + ".partial").exists() or base.exists() else "missing"
+    if not is_finished(base):
+        state = "unfinished" if partial_dir(base).exists() or base.exists() else "missing"
         raise FmpaperError(f"init_from: run {base} is {state} (train it first: it needs a metrics.json)")
     run = load(base)
     field = unshared_field(run.cfg, cfg)
@@ -349,7 +349,7 @@ def combine(row: Row, member_dirs: list[Path], out: Path, progress: bool = True)
     metrics = {"row": row.name, "members": member_names(member_dirs, out)}
     if row.kind == "ensemble":
         runs = [load(d) for d in member_dirs]
-        part = out.with_name(out.name + ".partial")
+        part = partial_dir(out)
         part.mkdir(parents=True, exist_ok=True)
         ens = Ensemble([r.model for r in runs]).eval()
         return finish_run(part, out, None, runs[0].data, runs[0].cfg, metrics, ranks_of=ens)
@@ -406,7 +406,7 @@ def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = 
         ft = finetune_config(cfg, finetune_epochs, finetune_lr)
         metrics["finetune"] = {"epochs": ft.epochs, "objective": "sasrec (CE)", "lr": ft.lr, "kept": "last epoch"}
         return train(ft, out, progress=progress, data=data, init=merged, extra=metrics)
-    part = out.with_name(out.name + ".partial")
+    part = partial_dir(out)
     part.mkdir(parents=True, exist_ok=True)
     model = runs[0].model
     model.load_state_dict(merged)
@@ -423,11 +423,16 @@ def finished(dataset_, profile, seeds, names=None) -> tuple[dict, list]:
     for s in seeds:
         for name in names:
             d = run_dir(name, dataset_, profile, s)
-            if (d / "metrics.json").is_file():
+            if is_finished(d):
                 found[(name, s)] = d
             else:
                 missing.append(name if len(seeds) == 1 else f"{name} (seed {s})")
     return found, missing
+
+
+def is_finished(run: Path) -> bool:
+    """A run is finished once its metrics.json exists: training and combining write it last, whole."""
+    return (Path(run) / "metrics.json").is_file()
 
 
 def metrics_of(run: Path) -> dict:

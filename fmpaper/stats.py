@@ -17,7 +17,7 @@ from scipy.stats import wilcoxon
 from . import FmpaperError
 from .evaluate import MODES, PROTOCOLS
 from .rows import combined, get_row, trained, uniform_of
-from .runs import dataset_name, finished, metrics_of, run_dir, user_ndcg
+from .runs import dataset_name, finished, is_finished, metrics_of, run_dir, user_ndcg
 
 
 CANDIDATES = 101         # the target and 100 sampled negatives
@@ -162,7 +162,7 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
             r = uniform_of(name)
             return (r, found.get((r, s)))
         members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in get_row(name).needs(s)]
-        members = [(m, d) for m, d in members if (d / "metrics.json").is_file()]
+        members = [(m, d) for m, d in members if is_finished(d)]
         return max(members, key=lambda md: per_user(md[1], key).mean()) if members else (None, None)
     comparisons, diffs = [], []
     for name in compared:

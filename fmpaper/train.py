@@ -98,12 +98,18 @@ def _resumable(part: Path, cfg: Config) -> bool:
     return all((part / f).is_file() for f in needed)
 
 
+def partial_dir(out: Path) -> Path:
+    """Where the run `out` is built until it is finished (renamed to `out` in one step)."""
+    return out.with_name(out.name + ".partial")
+
+
 def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | None = None,
-          init: dict | None = None, extra: dict | None = None) -> dict:
+          init: dict | None = None, extra: dict | None = None, on_epoch=None) -> dict:
     """Train `cfg` into run directory `out` (resuming `<out>.partial` if it holds the same config).
     `init`: start from these weights instead of a fresh initialisation (a run named by
     `cfg.init_from`, resolved by the caller, or a merge to fine-tune); `extra`: more entries for
-    metrics.json. Returns the run's metrics. An existing finished `out` is an error: runs are
+    metrics.json; `on_epoch(state)`: called once each epoch is saved (a logger; an exception
+    raised there stops the training as a kill would, resumable from that epoch). Returns the run's metrics. An existing finished `out` is an error: runs are
     never overwritten."""
     cfg.validate()
     out = Path(out)
@@ -111,7 +117,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         raise FmpaperError(f"{out} already holds a finished run; choose another --out")
     device = pick_device(cfg.device)
     data = data or load_data(cfg)
-    part = out.with_name(out.name + ".partial")
+    part = partial_dir(out)
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "history": [], "seconds": 0.0}
     if _resumable(part, cfg):
         state = json.loads((part / "state.json").read_text())
@@ -173,6 +179,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
         for f in (f"last-{epoch - 1}.safetensors", f"adam-{epoch - 1}.safetensors",
                   f"objective-{epoch - 1}.safetensors"):
             (part / f).unlink(missing_ok=True)
+        if on_epoch is not None:
+            on_epoch(state)
         if progress:
             print(f"{cfg.variant} epoch {epoch}: loss {state['history'][-1]['loss']:.4f} "
                   f"valid ndcg@10 {score:.4f} ({secs:.1f}s)", flush=True)

@@ -34,9 +34,9 @@ from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row, in_family, with_needs
-from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs,
+from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs, is_finished,
                    kept_checkpoints, kept_target, results_dir, run_row, runs_root, trained_weights)
-from .train import finish_run, hardware
+from .train import finish_run, hardware, partial_dir
 
 TOLERANCE = 1e-6
 EVAL_COST = 0.02       # one evaluation under the three protocols, in reproduce's work units
@@ -70,7 +70,7 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
     if recorded is not None and not abs(valid - recorded) <= TOLERANCE:
         raise FmpaperError(f"mismatch, not restored: {name} seed {seed} validation NDCG@10: recorded "
                            f"{recorded:.8f}, recomputed {valid:.8f}")
-    part = out.with_name(out.name + ".partial")
+    part = partial_dir(out)
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
     metrics = {**record.get("metrics", {}), "valid_ndcg@10": valid,
@@ -196,7 +196,7 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
     expected = pd.read_csv(csv)
     todo, present = [], 0
     for name, seed in sorted(kept, key=lambda t: (t[1], t[0])):
-        if (kept_target(name, dataset_, profile, seed)[0] / "metrics.json").is_file():
+        if is_finished(kept_target(name, dataset_, profile, seed)[0]):
             present += 1
         else:
             todo.append(("train", name, seed))

@@ -160,20 +160,14 @@ def test_inplace_epoch_masks_stored_inputs_at_the_expected_rate(tmp_path, smoke_
     assert torch.equal(seq, copy)                                        # without the switch: no writes
 
 
-def test_inplace_run_resumes_exactly(tmp_path, smoke_data, monkeypatch):
+def test_inplace_run_resumes_exactly(tmp_path, smoke_data):
     cfg = make_config("smoke", variant="cl4srec", cl4srec_inplace=True, epochs=2, patience=2)
     train(cfg, tmp_path / "straight", progress=False, data=smoke_data)
-    import fmpaper.train as T
-    real = T._write_json
-
-    def die(path, obj):
-        real(path, obj)
-        if path.name == "state.json" and obj["epoch"] == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(T, "_write_json", die)
+    def die(state):
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt                                      # as if killed here
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
-    monkeypatch.setattr(T, "_write_json", real)
+        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data, on_epoch=die)
     assert (tmp_path / "resumed.partial" / "objective-1.safetensors").is_file()
     train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))

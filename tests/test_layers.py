@@ -83,3 +83,26 @@ def test_no_import_circle():
         seen.add(n)
     for n in graph:
         visit(n)
+
+
+def test_tests_use_public_names_only():
+    """The tests hold the package to its public surface: no private name imported from fmpaper,
+    none reached as an attribute of an fmpaper module (monkeypatching one would pin internals)."""
+    problems = []
+    for path in sorted((PKG.parent / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules_here = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fmpaper"):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        problems.append(f"{path.name}: imports private {a.name} from {node.module}")
+                    if (PKG / Path(*node.module.split(".")[1:]) / f"{a.name}.py").exists() or node.module == "fmpaper":
+                        modules_here.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                modules_here |= {a.asname or a.name for a in node.names if a.name.startswith("fmpaper")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in modules_here):
+                problems.append(f"{path.name}:{node.lineno}: uses private {node.value.id}.{node.attr}")
+    assert not problems, "\n".join(problems)

@@ -64,21 +64,15 @@ def test_refuses_to_overwrite(smoke_runs, smoke_data):
         train(make_config("smoke"), smoke_runs / "sasrec", progress=False, data=smoke_data)
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_data, monkeypatch):
+def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_data):
     cfg = make_config("smoke", epochs=2, patience=2, variant="duorec_supunsup")
     train(cfg, tmp_path / "straight", progress=False, data=smoke_data)
 
-    import fmpaper.train as T
-    real = T._write_json
-
-    def die_after_first_epoch(path, obj):
-        real(path, obj)
-        if path.name == "state.json" and obj["epoch"] == 1:
+    def die_after_first_epoch(state):
+        if state["epoch"] == 1:
             raise KeyboardInterrupt                                      # as if killed here
-    monkeypatch.setattr(T, "_write_json", die_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
-    monkeypatch.setattr(T, "_write_json", real)
+        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data, on_epoch=die_after_first_epoch)
     assert (tmp_path / "resumed.partial" / "state.json").exists() and not (tmp_path / "resumed").exists()
     train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))

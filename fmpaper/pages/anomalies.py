@@ -22,8 +22,9 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from ..evaluate import evaluate
+from ..fisher import TAKES_K
 from ..rows import fisher_merges, get_row, labels, rows
-from ..runs import load, load_paper_table, profile_data, run_dir
+from ..runs import is_finished, load, load_paper_table, profile_data, run_dir
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds
 from .display import MODE_NAMES, Captioned, Text, check_params, runs_table, seeds_text
 
@@ -33,8 +34,6 @@ ML1M_USERS = 6040        # test users of ML-1M after the 5-core filter (`fmpaper
 SAMPLED_COLUMNS = {"random_ndcg10": ("RANDOM", 10), "random_ndcg20": ("RANDOM", 20),
                    "popular_ndcg10": ("POPULAR", 10), "popular_ndcg20": ("POPULAR", 20)}
 
-
-SCHEMES = ("random", "topk", "model")
 
 
 def oddities() -> Text:
@@ -116,7 +115,7 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
     recs, users = {}, None
     for name in rows:
         d = run_dir(name, dataset or None, profile, p["seed"])
-        if not (d / "metrics.json").is_file():
+        if not is_finished(d):
             continue
         run = load(d)
         vals = [evaluate(run.model, run.data, "paper", seed=1000 + i) for i in range(draws)]
@@ -135,7 +134,7 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
 
 def _sampled_rows() -> list[str]:
     """The paper's ten Fisher merges with a sampled estimator (random/top-k/model at 3 k, target)."""
-    return [n for n in fisher_merges() if rows()[n].paper and rows()[n].estimator in (*SCHEMES, "target")]
+    return [n for n in fisher_merges() if rows()[n].paper and rows()[n].estimator in (*TAKES_K, "target")]
 
 
 def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:
@@ -176,7 +175,7 @@ def ordering_summary(dataset=None, profile="quick", seeds=1) -> Text:
     seed_sd = float(full["std"].mean())
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     grow = []
-    for scheme in SCHEMES:
+    for scheme in TAKES_K:
         ks = [n for n in names if get_row(n).estimator == scheme]
 
         def trend(v):

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..config import make_config
-from ..runs import CURVE_EPOCHS, curve_dir, dataset_name, profile_data, results_dir
+from ..runs import CURVE_EPOCHS, curve_dir, dataset_name, is_finished, metrics_of, profile_data, results_dir
 from ..train import hardware
 from .display import PALETTE, Text, check_params, empty, figure, log_ticks, style
 
@@ -112,7 +112,7 @@ def epoch_curve(dataset=None, profile="quick", seed=0) -> pd.DataFrame:
     history = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
     t = pd.DataFrame([{"epoch": h["epoch"], "valid NDCG@10": h["valid_ndcg@10"], "seconds": h["seconds"]}
                       for h in history], columns=["epoch", "valid NDCG@10", "seconds"])
-    metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    metrics = metrics_of(d) if is_finished(d) else {}
     name = dataset_name(dataset or None, profile)
     t.attrs.update(dataset=name, profile=profile, seed=seed, epochs=make_config(profile, dataset=dataset or None).epochs,
                    hardware=metrics.get("hardware", ""),

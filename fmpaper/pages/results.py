@@ -15,8 +15,8 @@ from ..data import batches
 from ..evaluate import PROTOCOLS
 from ..objectives import Objective
 from ..rows import labels, row_order
-from ..runs import (BATCH_CHECK, PAPER_COLUMNS, collect, dataset_name, load_paper_table, metrics_of, profile_data,
-                    results_dir, run_dir)
+from ..runs import (BATCH_CHECK, PAPER_COLUMNS, collect, dataset_name, is_finished, load_paper_table, metrics_of,
+                    profile_data, results_dir, run_dir)
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
 from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, mean_sd, provenance, seeds_text, to_markdown
 from .figures import fisher_costs
@@ -302,13 +302,13 @@ def batch_grouping(dataset=None, profile="quick", seeds=(0, 1), names=BATCH_CHEC
     recs, verdicts = {}, []
     for name in names:
         grouped = {s: run_dir(name, dataset, profile, s) for s in range(10)}
-        grouped = {s: d for s, d in grouped.items() if (d / "metrics.json").is_file()}
+        grouped = {s: d for s, d in grouped.items() if is_finished(d)}
         pool = [metrics_of(grouped[s])["valid_ndcg@10"] for s in (noise_seeds or grouped)]
         sd = float(np.std(pool, ddof=1)) if len(pool) > 1 else float("nan")
         diffs = []
         for s in seeds:
             rnd = run_dir(name, dataset, profile, s, group_by_length=False)
-            if s not in grouped or not (rnd / "metrics.json").is_file():
+            if s not in grouped or not is_finished(rnd):
                 continue
             a, b = metrics_of(grouped[s]), metrics_of(rnd)
             diffs.append(b["valid_ndcg@10"] - a["valid_ndcg@10"])

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..evaluate import MODES, PROTOCOLS
 from ..rows import Row
-from ..runs import relative_run, run_dir, run_row
+from ..runs import is_finished, relative_run, run_dir, run_row
 from .display import METRICS, MODE_NAMES, Captioned, Provenance, Record, check_params, fmt_seconds
 
 
@@ -106,7 +106,7 @@ def report(name, dataset=None, profile="smoke", seed=0, kind=None) -> RowReport:
                      kind=tuple(kind) if kind else None)
     dataset = dataset or None
     out = run_dir(name, dataset, profile, p["seed"])
-    cached = (out / "metrics.json").is_file()
+    cached = is_finished(out)
     t0 = time.perf_counter()
     metrics = run_row(name, dataset, profile, p["seed"], progress=False)
     return RowReport(p["row"], p["dataset"], profile, p["seed"], out, metrics, not cached,
