@@ -218,6 +218,16 @@ def fisher_merges(family: str | None = "scratch") -> list[str]:
     return [n for n in in_family(family) if rows()[n].fisher is not None]
 
 
+def one_seed_of(name: str) -> str | None:
+    """For a merge whose members come from different seeds: the same merge (method, Fisher,
+    members) of the members of one seed, its counterpart; None for every other row."""
+    r = get_row(name)
+    if not r.seed_shift:
+        return None
+    return next((n for n, o in rows().items() if o.kind == r.kind and o.method == r.method and o.fisher == r.fisher
+                 and o.members == r.members and not o.seed_shift and not o.finetune_epochs), None)
+
+
 def uniform_of(name: str) -> str | None:
     """The uniform merge of the same members as combined row `name` (its natural reference)."""
     r = get_row(name)

@@ -16,7 +16,7 @@ from scipy.stats import wilcoxon
 
 from . import FmpaperError
 from .evaluate import MODES, PROTOCOLS
-from .rows import combined, get_row, trained, uniform_of
+from .rows import combined, get_row, one_seed_of, trained, uniform_of
 from .runs import dataset_name, finished, is_finished, metrics_of, run_dir, user_ndcg
 
 
@@ -110,7 +110,8 @@ def hierarchical_ci(diffs: np.ndarray, n_boot: int = 2000, level: float = 0.95, 
     return np.quantile(means, [a, 1 - a], axis=0).T
 
 
-REFERENCES = ("validation-selected model", "best member on test (oracle)", "uniform merge")
+REFERENCES = ("validation-selected model", "best member on test (oracle)", "uniform merge",
+              "same merge, members of one seed")
 
 
 # the (protocol, mode) columns compared: `as-run` is left out (its FULL is paper FULL, its
@@ -123,13 +124,15 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
                  n_boot: int = 2000, level: float = 0.95, alpha: float = 0.05,
                  family: str = "scratch") -> pd.DataFrame:
     """Per-user NDCG@k of each combined row (merges, ensemble) of one family of rows against
-    three references, in every column of PAIRED_KEYS:
+    its references, in every column of PAIRED_KEYS:
 
     - the validation-selected model: the trained row of the paper with the best validation
       NDCG@10, chosen per seed (what a practitioner would deploy instead of merging);
     - the best member on test (an oracle): per seed and column, the merged member with the best
       test mean in that column;
-    - the uniform merge of the same members.
+    - the uniform merge of the same members;
+    - for a merge of members trained with different seeds, the same merge of members of one seed
+      (which share their initial weights and batch order; `rows.one_seed_of`).
 
     Per comparison: the mean difference over seeds and users; a percentile interval that
     resamples seeds and users together (`hierarchical_ci`; users only for one seed; column
@@ -158,8 +161,8 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
         if ref == REFERENCES[0]:
             r = selected.get(s)
             return (r, found.get((r, s)))
-        if ref == REFERENCES[2]:
-            r = uniform_of(name)
+        if ref in (REFERENCES[2], REFERENCES[3]):
+            r = uniform_of(name) if ref == REFERENCES[2] else one_seed_of(name)
             return (r, found.get((r, s)))
         members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in get_row(name).needs(s)]
         members = [(m, d) for m, d in members if is_finished(d)]
@@ -167,7 +170,8 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
     comparisons, diffs = [], []
     for name in compared:
         for ref in REFERENCES:
-            if ref == REFERENCES[2] and uniform_of(name) is None:   # a uniform merge itself
+            if ((ref == REFERENCES[2] and uniform_of(name) is None)      # a uniform merge itself
+                    or (ref == REFERENCES[3] and one_seed_of(name) is None)):   # members of one seed
                 continue
             for key in keys:
                 chosen = [(found.get((name, s)), *reference(ref, name, s, key)) for s in seeds]

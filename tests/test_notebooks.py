@@ -265,7 +265,11 @@ def test_results_page_tables_match_runs(pages, smoke_table, results_env):
                     assert abs(table.loc[row, f"{name} NDCG@{k} ours"] - test[mode][f"ndcg@{k}"]) <= 1e-9
         assert table.loc["baseline", "FULL NDCG@10 paper"] > 0  # the paper's column is there
     paired = pd.read_csv(folder / "paired.csv")
-    assert set(paired["reference"]) == {"validation-selected model", "best member on test (oracle)", "uniform merge"}
+    assert set(paired["reference"]) == {"validation-selected model", "best member on test (oracle)", "uniform merge",
+                                        "same merge, members of one seed"}
+    one_seed = paired[paired["reference"] == "same merge, members of one seed"]
+    assert set(one_seed["row"]) == {"fisher_exact_seeds", "uniform_seeds"}
+    assert set(one_seed["reference_rows"]) == {"fisher_exact", "uniform"}
     assert paired["p_holm"].between(0, 1).all() and (paired["p_holm"] >= paired["p_wilcoxon"] - 1e-15).all()
     assert ((paired["ci_low"] <= paired["mean_diff"] + 1e-12) & (paired["mean_diff"] <= paired["ci_high"] + 1e-12)).all()
     assert paired["p_wilcoxon"].between(0, 1).all()

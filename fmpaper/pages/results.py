@@ -18,7 +18,8 @@ from ..rows import labels, row_order
 from ..runs import (BATCH_CHECK, PAPER_COLUMNS, collect, dataset_name, is_finished, load_paper_table, metrics_of,
                     profile_data, results_dir, run_dir)
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
-from .display import MODE_NAMES, Captioned, Provenance, Tables, check_params, mean_sd, provenance, seeds_text, to_markdown
+from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance, seeds_text,
+                      to_markdown)
 from .figures import fisher_costs
 
 
@@ -111,10 +112,12 @@ def interval_text(paired: pd.DataFrame) -> str:
             f"adjusted by Holm over all {len(paired)} comparisons of the paired tables")
 
 
-def show_paired(paired: pd.DataFrame, reference: str, prov: Provenance | None = None) -> Captioned:
+def show_paired(paired: pd.DataFrame, reference: str, prov: Provenance | None = None) -> Captioned | Text:
     """One reference's comparisons as 'mean diff [interval] p / Holm p' strings: rows x columns."""
     sub = paired[paired["reference"] == reference]
     k = paired.attrs.get("k", 10)
+    if sub.empty:
+        return Text(f"No row of this set is compared with the {reference}.")
     cells = {}
     for _, r in sub.iterrows():
         cells.setdefault(r["row"], {})[column_name(r["protocol"], r["mode"])] = (
@@ -140,7 +143,7 @@ def verdict(paired: pd.DataFrame) -> Captioned:
     "worse" or "–" (not resolved). The words follow the Holm-adjusted p-values (stats.verdicts)."""
     a = paired.attrs
     short = {REFERENCES[0]: "vs validation-selected", REFERENCES[1]: "vs best member (oracle)",
-             REFERENCES[2]: "vs uniform merge"}
+             REFERENCES[2]: "vs uniform merge", REFERENCES[3]: "vs members of one seed"}
     cells = {}
     for ref in REFERENCES:
         for protocol, mode in VERDICT_COLUMNS:
@@ -215,7 +218,7 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
                                       for c in show_tables(runs).items))
     put("paired.csv", paired.to_csv(index=False))
     md = header
-    for ref in REFERENCES:
+    for ref in sorted(set(paired["reference"]), key=REFERENCES.index):
         shown = show_paired(paired, ref, prov)
         md += f"**{shown.caption}**\n\n" + to_markdown(shown.table) + f"\n{shown.note}\n\n"
     put("paired.md", md)
