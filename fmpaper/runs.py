@@ -499,8 +499,10 @@ def checkpoint_record(dataset_: str | None, profile: str, name: str, seed: int) 
 
 
 def training_record(run: Path) -> dict:
-    """{"metrics", "history"} of a finished run, as `checkpoint_record` keeps them."""
-    m = {k: v for k, v in metrics_of(run).items() if k not in ("test", "data")}
+    """{"metrics", "history"} of a finished run, as `checkpoint_record` keeps them: what training
+    recorded, without the test metrics and data summary (recomputed on restore) and without where
+    a restored run came from (`restored_from`, `restored_on`: facts of that copy, not of training)."""
+    m = {k: v for k, v in metrics_of(run).items() if k not in ("test", "data") and not k.startswith("restored_")}
     h = Path(run) / "history.json"
     return {"metrics": m, "history": json.loads(h.read_text()) if h.is_file() else None}
 
@@ -517,12 +519,12 @@ def kept_runs(dataset_: str | None, profile: str, seeds: list[int]) -> dict:
     out = {}
     for name, seed in with_needs((n, s) for s in seeds for n in in_family(None, profile)):
         d = run_dir(name, dataset_, profile, seed)
-        if trained_weights(get_row(name)) and (d / "metrics.json").is_file():
+        if trained_weights(get_row(name)) and is_finished(d):
             out[(name, seed)] = d
     for name in extra_runs():
         for seed in seeds:
             d = kept_target(name, dataset_, profile, seed)[0]
-            if (d / "metrics.json").is_file():
+            if is_finished(d):
                 out[(name, seed)] = d
     return out
 

@@ -22,7 +22,7 @@ from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_record, collect, curve_dir, extra_runs,
-                          keep_checkpoints, load_paper_table, run_curve, run_dir, run_row, user_ndcg)
+                          keep_checkpoints, load_paper_table, run_curve, run_dir, run_row, training_record, user_ndcg)
 from fmpaper.stats import paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,6 +415,7 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
             assert b[key] == pytest.approx(a[key]), (name, key)
         assert_close_metrics(b["test"], a["test"], tol=1e-6)
         assert b["restored_from"] == f"{name}-s0.safetensors"
+        assert not any(k.startswith("restored_") for k in training_record(back)["metrics"])   # kept again as trained
         if name != "duorec_unsup":
             assert (back / "history.json").read_text() == (orig / "history.json").read_text()
     assert json.loads((run_dir("duorec_unsup", "ml-100k", "smoke", 0, root=root) / "metrics.json").read_text())[
