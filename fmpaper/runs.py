@@ -228,7 +228,7 @@ def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed
     """Metrics of row `name`, computing (and caching) it and whatever it needs first."""
     row = get_row(name)
     out = run_dir(name, dataset_, profile, seed, root, **overrides)
-    if (out / "metrics.json").exists():
+    if is_finished(out):
         return complete(out)
     for dep, s in row.needs(seed):
         run_row(dep, dataset_, profile, s, root, progress, **overrides)
@@ -387,7 +387,7 @@ def merge_runs(member_dirs: list[Path], out: Path, fishers: list[dict] | None = 
     optionally trained `finetune_epochs` more with CE (`finetune_config`). Evaluated like a
     trained run. Members must share the data and the architecture (SHARED_FIELDS)."""
     out = Path(out)
-    if (out / "metrics.json").exists():
+    if is_finished(out):
         raise FmpaperError(f"{out} already holds a finished run; choose another --out")
     runs = [load(d) for d in member_dirs]
     cfg, data = runs[0].cfg, runs[0].data

@@ -109,8 +109,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, data: SeqData | N
     `init`: start from these weights instead of a fresh initialisation (a run named by
     `cfg.init_from`, resolved by the caller, or a merge to fine-tune); `extra`: more entries for
     metrics.json; `on_epoch(state)`: called once each epoch is saved (a logger; an exception
-    raised there stops the training as a kill would, resumable from that epoch). Returns the run's metrics. An existing finished `out` is an error: runs are
-    never overwritten."""
+    raised there stops the training as a kill would, resumable from that epoch). Returns the
+    run's metrics. An existing finished `out` is an error: runs are never overwritten."""
     cfg.validate()
     out = Path(out)
     if (out / "model.safetensors").exists():

@@ -35,7 +35,6 @@ SAMPLED_COLUMNS = {"random_ndcg10": ("RANDOM", 10), "random_ndcg20": ("RANDOM", 
                    "popular_ndcg10": ("POPULAR", 10), "popular_ndcg20": ("POPULAR", 20)}
 
 
-
 def oddities() -> Text:
     """The odd values of the published table, read from it, with chance among 101 candidates."""
     paper = load_paper_table()
