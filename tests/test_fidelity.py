@@ -14,6 +14,7 @@ from fmpaper.config import make_config
 from fmpaper.data import load
 from fmpaper.evaluate import block_negatives, ranks, shuffled_items
 from fmpaper.objectives import Objective, augment_inplace, augment_pair, draw_operators, reorder
+from fmpaper.pages.fidelity import mask_fraction, plot_mask_fraction
 from fmpaper.rows import get_row, rows
 from fmpaper.runs import finetune_config, run_dir, start_weights
 from fmpaper.stats import chance_ndcg
@@ -264,3 +265,19 @@ def test_run_identity_follows_the_base_and_the_member_seeds(tmp_path):
     assert a != b and a.name.startswith("ft_duorec_sup-")
     s0 = run_dir("fisher_exact_seeds", "ml-100k", "smoke", 0, root=tmp_path)
     assert s0 != run_dir("fisher_exact", "ml-100k", "smoke", 0, root=tmp_path)
+
+
+def test_mask_fraction_names_runs_without_history(tmp_path, monkeypatch, smoke_data):
+    """A cl4srec_as_run restored from a checkpoint kept without its training record has no
+    per-epoch history: the figure says so instead of failing the page."""
+    monkeypatch.setenv("FMPAPER_RUNS", str(tmp_path))
+    cfg = make_config("smoke", variant="cl4srec", cl4srec_inplace=True, epochs=1, patience=1)
+    out = run_dir("cl4srec_as_run", "ml-100k", "smoke", 0)
+    assert out.parent.parent.parent.parent == tmp_path
+    train(cfg, out, progress=False, data=smoke_data)
+    assert len(mask_fraction("ml-100k", "smoke", [0])) == 1              # one epoch, one share
+    (out / "history.json").unlink()
+    frac = mask_fraction("ml-100k", "smoke", [0])
+    assert frac.empty and frac.attrs["no_history"] == [0]
+    texts = [t.get_text() for ax in plot_mask_fraction(frac).axes for t in ax.texts]
+    assert any("no per-epoch history" in t for t in texts)

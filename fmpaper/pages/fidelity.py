@@ -109,13 +109,20 @@ def cl4srec(df: pd.DataFrame) -> Captioned:
 
 def mask_fraction(dataset=None, profile="quick", seeds=(0,)) -> pd.DataFrame:
     """Share of the stored training positions holding the mask token after each epoch of the
-    cl4srec_as_run runs: columns seed, epoch, fraction."""
+    cl4srec_as_run runs: columns seed, epoch, fraction. A finished run without its per-epoch
+    history (restored from a checkpoint kept without a training record) is left out and named in
+    attrs["no_history"]."""
     found, _ = finished(dataset, profile, list(seeds), ["cl4srec_as_run"])
-    recs = []
+    recs, no_history = [], []
     for (_, s), d in sorted(found.items()):
+        if not (d / "history.json").is_file():
+            no_history.append(s)
+            continue
         for h in json.loads((d / "history.json").read_text()):
             recs.append({"seed": s, "epoch": h["epoch"], "fraction": h.get("mask_fraction", np.nan)})
-    return pd.DataFrame(recs, columns=["seed", "epoch", "fraction"])
+    out = pd.DataFrame(recs, columns=["seed", "epoch", "fraction"])
+    out.attrs["no_history"] = no_history
+    return out
 
 
 def plot_mask_fraction(frac: pd.DataFrame, gamma: float = 0.3, caption: str | None = None):
@@ -123,7 +130,10 @@ def plot_mask_fraction(frac: pd.DataFrame, gamma: float = 0.3, caption: str | No
     ax = fig.add_subplot()
     style(ax)
     if frac.empty:
-        empty(ax, "no finished cl4srec_as_run run")
+        missing = frac.attrs.get("no_history")
+        empty(ax, "no finished cl4srec_as_run run" if not missing else
+              f"cl4srec_as_run (seed {', '.join(map(str, missing))}) has no per-epoch history:\n"
+              "restored from a checkpoint kept without its training record")
         return fig
     for i, (s, g) in enumerate(frac.groupby("seed")):
         ax.plot([0, *g["epoch"]], [0, *g["fraction"]], marker="o", color=PALETTE[i % len(PALETTE)], label=f"seed {s}")
