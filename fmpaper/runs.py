@@ -6,6 +6,7 @@ This is the one module that knows the folder layout:
              (~/.cache/fmpaper: outside the work tree, so long trainings survive a fresh checkout)
     <dataset>/<profile>/s<seed>/<row>-<hash>/        a finished run (see fmpaper.train)
     <dataset>/<profile>/s<seed>/<row>-<hash>.partial/ a training in progress (resumable)
+    <dataset>/<profile>/s<seed>/<row>-<hash>.lock     held while a process computes the run
     <dataset>/<profile>/s<seed>/fisher/<member>-<estimator>-<hash>.safetensors   Fisher artifacts
   results    $FMPAPER_RESULTS, else results/ of the checkout
     <dataset>-<profile>/runs.csv, tables, figures/, notebooks/   written by the pages
@@ -15,14 +16,18 @@ This is the one module that knows the folder layout:
 A run is cached under a hash of what defines it (its resolved config; for combined rows the
 members' identities and the merge settings), so a finished run is never recomputed and a killed
 training resumes from `<dir>.partial`. Merged rows use the members trained with the same seed.
+Two processes that need the same run or Fisher compute it once: the second waits on the lock and
+then reads it from the cache.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -232,14 +237,34 @@ def run_row(name: str, dataset_: str | None = None, profile: str = "quick", seed
         return complete(out)
     for dep, s in row.needs(seed):
         run_row(dep, dataset_, profile, s, root, progress, **overrides)
-    if row.kind == "train":
-        cfg = train_config(row, dataset_, profile, seed, **overrides)
-        init = None
-        if row.init_from:
-            init = start_weights(cfg, run_dir(row.init_from, dataset_, profile, seed, root, **overrides))
-        return train(cfg, out, progress=progress, data=dataset(cfg), init=init)
-    member_dirs = [run_dir(m, dataset_, profile, s, root, **overrides) for m, s in row.needs(seed)]
-    return combine(row, member_dirs, out, progress)
+    with exclusive(out):
+        if is_finished(out):                     # another process finished it while this one waited
+            return complete(out)
+        if row.kind == "train":
+            cfg = train_config(row, dataset_, profile, seed, **overrides)
+            init = None
+            if row.init_from:
+                init = start_weights(cfg, run_dir(row.init_from, dataset_, profile, seed, root, **overrides))
+            return train(cfg, out, progress=progress, data=dataset(cfg), init=init)
+        member_dirs = [run_dir(m, dataset_, profile, s, root, **overrides) for m, s in row.needs(seed)]
+        return combine(row, member_dirs, out, progress)
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on `<path>.lock` for the block. Two processes that need the same
+    run (two lanes of `reproduce`, two `fmpaper row` calls) would otherwise both train it into
+    one `.partial` folder, or the slower would find it finished and fail; the lock dies with its
+    process, so a killed run leaves nothing to clean up. Locks are taken only after a run's
+    dependencies are finished, run before Fisher, so two processes never wait on each other."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # the fields a run must share with the run it starts from or with the runs it is merged with
@@ -316,17 +341,19 @@ def fisher_path(member_dir: Path, spec: FisherSpec) -> Path:
 def fisher_of(member_dir: Path, spec: FisherSpec, progress: bool = True, path: Path | None = None) -> tuple[dict, dict]:
     """The Fisher of a trained run over its validation inputs: read from `path` (default: the
     cache next to the runs) or computed and written there atomically."""
-    path = Path(path) if path is not None else fisher_path(member_dir, spec)
-    if path.exists():
-        return load_fisher(path)
-    run = load(member_dir)
-    seq, lengths, targets = validation_inputs(run.data)
-    fisher, meta = compute_fisher(run.model, seq, lengths, targets, spec.estimator, k=spec.k,
-                                  batchwise=spec.batchwise, authors=spec.authors, seed=run.cfg.seed,
-                                  progress=progress, return_meta=True)
-    meta.update(run=Path(member_dir).name, dataset=run.cfg.dataset, hardware=hardware())
-    save_fisher(path, fisher, meta)
-    return fisher, meta
+    cached = path is None
+    path = fisher_path(member_dir, spec) if cached else Path(path)
+    with exclusive(path) if cached else nullcontext():     # the cache's Fishers: computed once
+        if path.exists():
+            return load_fisher(path)
+        run = load(member_dir)
+        seq, lengths, targets = validation_inputs(run.data)
+        fisher, meta = compute_fisher(run.model, seq, lengths, targets, spec.estimator, k=spec.k,
+                                      batchwise=spec.batchwise, authors=spec.authors, seed=run.cfg.seed,
+                                      progress=progress, return_meta=True)
+        meta.update(run=Path(member_dir).name, dataset=run.cfg.dataset, hardware=hardware())
+        save_fisher(path, fisher, meta)
+        return fisher, meta
 
 
 class Ensemble(torch.nn.Module):

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,29 @@ def test_merge_rows_cached_and_consistent(root):
     assert set(ens["test"]) == {"as-run", "paper", "corrected"}
     # a different seed is a different run
     assert run_dir("uniform", profile="smoke", seed=1, root=root) != run_dir("uniform", profile="smoke", root=root)
+
+
+def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(root):
+    """A second process asking for a run that another is computing waits on its lock and then
+    reads the finished run, instead of training into the same .partial or failing on it."""
+    row = get_row("fisher_target_1")
+    members = [run_dir(m, profile="smoke", root=root) for m in row.members]
+    for m in row.members:
+        run_row(m, profile="smoke", root=root, progress=False)
+    out = run_dir(row.name, profile="smoke", root=root)
+    assert not runs.is_finished(out)
+    result = {}
+    with runs.exclusive(out):                                             # "another process" holds it
+        waiter = threading.Thread(target=lambda: result.update(
+            m=run_row(row.name, profile="smoke", root=root, progress=False)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not runs.is_finished(out)           # waiting, writing nothing
+        made = runs.combine(row, members, out, progress=False)           # the holder finishes the run
+        stamp = (out / "metrics.json").stat().st_mtime_ns
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and result["m"]["test"] == made["test"]
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp            # read back, not recomputed
 
 
 def fm(*args):
