@@ -54,8 +54,7 @@ def cmd_data_stats(a) -> None:
 
 def train_overrides(a) -> dict:
     """--set values, then the dedicated flags on top: a flag given on the command line wins over
-    --set of the same field (--variant has a default, so --set variant=... counts only when
-    --variant is not given)."""
+    --set of the same field; a field set by neither keeps the profile's value (--variant: sasrec)."""
     flags = {"variant": a.variant, "dataset": a.dataset, "seed": a.seed, "epochs": a.epochs, "device": a.device}
     return {**_parse_sets(a.set), **{k: v for k, v in flags.items() if v is not None}}
 
@@ -86,7 +85,7 @@ def cmd_fisher(a) -> None:
     out = Path(a.out)
     if out.exists():
         raise FmpaperError(f"{out} already exists; choose another --out")
-    _, meta = fisher_of(Path(a.run_dir), spec, progress=not a.quiet, path=out)
+    _, meta = fisher_of(Path(a.run_dir), spec, progress=not a.quiet, path=out, seed=a.seed)
     print(json.dumps(meta))
 
 

@@ -338,9 +338,13 @@ def fisher_path(member_dir: Path, spec: FisherSpec) -> Path:
     return Path(member_dir).parent / "fisher" / f"{Path(member_dir).name}-{spec.estimator}-{key}.safetensors"
 
 
-def fisher_of(member_dir: Path, spec: FisherSpec, progress: bool = True, path: Path | None = None) -> tuple[dict, dict]:
+def fisher_of(member_dir: Path, spec: FisherSpec, progress: bool = True, path: Path | None = None,
+              seed: int | None = None) -> tuple[dict, dict]:
     """The Fisher of a trained run over its validation inputs: read from `path` (default: the
-    cache next to the runs) or computed and written there atomically."""
+    cache next to the runs) or computed and written there atomically. `seed` draws the sampled
+    items (default: the run's seed); the cache holds only Fishers of the run's seed."""
+    if path is None and seed is not None:
+        raise FmpaperError("fisher_of: a Fisher of another seed than the run's needs its own path")
     cached = path is None
     path = fisher_path(member_dir, spec) if cached else Path(path)
     with exclusive(path) if cached else nullcontext():     # the cache's Fishers: computed once
@@ -349,7 +353,8 @@ def fisher_of(member_dir: Path, spec: FisherSpec, progress: bool = True, path: P
         run = load(member_dir)
         seq, lengths, targets = validation_inputs(run.data)
         fisher, meta = compute_fisher(run.model, seq, lengths, targets, spec.estimator, k=spec.k,
-                                      batchwise=spec.batchwise, authors=spec.authors, seed=run.cfg.seed,
+                                      batchwise=spec.batchwise, authors=spec.authors,
+                                      seed=run.cfg.seed if seed is None else seed,
                                       progress=progress, return_meta=True)
         meta.update(run=Path(member_dir).name, dataset=run.cfg.dataset, hardware=hardware())
         save_fisher(path, fisher, meta)

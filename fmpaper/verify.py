@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from safetensors.torch import load_file
 
-from . import FmpaperError
+from . import FmpaperError, first_line
 from .config import Config
 from .evaluate import valid_ndcg10
 from .model import SASRec
@@ -50,7 +50,10 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
     weights, conf = checkpoint_files(dataset_, profile, name, seed)
     if not weights.is_file() or not conf.is_file():
         raise FmpaperError(f"no kept checkpoint for row {name} seed {seed} ({weights.name} in {weights.parent})")
-    cfg = Config.from_dict(json.loads(conf.read_text()))
+    try:
+        cfg = Config.from_dict(json.loads(conf.read_text()))
+    except (ValueError, TypeError) as e:                 # not JSON, or not a Config's fields
+        raise FmpaperError(f"checkpoint config {conf.name} cannot be read: {first_line(e)}") from None
     out, expected = kept_target(name, dataset_, profile, seed, Path(root))
     got, want = cfg.identity(), expected.identity()
     if got != want:

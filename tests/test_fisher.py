@@ -8,6 +8,8 @@ from fmpaper.config import Config
 from fmpaper.fisher import (ESTIMATORS, check_compatible, compute_fisher, load_fisher,
                             probability_mass_topk, save_fisher)
 from fmpaper.model import SASRec
+from fmpaper.pages.display import ESTIMATOR_COLORS, ESTIMATOR_MARKERS
+from fmpaper.rows import ESTIMATOR_NAMES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,3 +308,11 @@ def test_same_result_inside_no_grad():
         ref = fisher(est, model, k=k)
         with torch.no_grad():
             assert_same(fisher(est, model, k=k), ref)
+
+
+def test_every_estimator_has_one_name_colour_and_marker():
+    """The pages name, colour and mark estimators by fisher.ESTIMATORS' keys: a new estimator
+    must get all three (brute force, the exact Fisher's check, is never plotted)."""
+    assert set(ESTIMATOR_NAMES) == set(ESTIMATORS)
+    plotted = set(ESTIMATORS) - {"bruteforce"}
+    assert set(ESTIMATOR_COLORS) == set(ESTIMATOR_MARKERS) == plotted

@@ -371,6 +371,8 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     text = conf.read_text()
     conf.write_text(text.replace('"cl_weight": 0.1', '"cl_weight": 0.2'))
     fails("does not match row duorec_sup seed 0 (differs in cl_weight)")
+    conf.write_text(text[: len(text) // 2])                               # cut short
+    fails("checkpoint config duorec_sup-s0.json cannot be read")
     conf.write_text(text)
     # no checkpoints at all
     for p in checkpoint_dir("ml-100k", "smoke").iterdir():

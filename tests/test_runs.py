@@ -101,6 +101,10 @@ def test_cli_fisher_and_merge(root, tmp_path):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["estimator"] == "exact" and out.exists() and out.with_suffix(".json").exists()
         fishers.append(out)
+    seeded = [json.loads(fm("fisher", members[0], "--estimator", "random", "--k", "3", *extra, "--out",
+                            tmp_path / f"r{i}.safetensors", "--quiet").stdout) for i, extra in enumerate([[], ["--seed", "5"]])]
+    assert [m["seed"] for m in seeded] == [0, 5]                             # --seed draws the sampled items
+    assert load_file(str(tmp_path / "r0.safetensors")).keys() == load_file(str(tmp_path / "r1.safetensors")).keys()
     r = fm("merge", *members[:2], "--fisher", *fishers, "--lambdas", "1", "2", "--out", tmp_path / "merged", "--quiet")
     assert r.returncode == 0, r.stderr
     r = fm("evaluate", tmp_path / "merged", "--json")

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from ..evaluate import evaluate
-from ..fisher import TAKES_K
+from ..fisher import SAMPLED, TAKES_K
 from ..rows import fisher_merges, get_row, labels, rows
 from ..runs import is_finished, load, load_paper_table, profile_data, run_dir
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds
@@ -133,7 +133,7 @@ def sampler_spread(dataset=None, profile="quick", seed=0, rows=("baseline", "cl4
 
 def _sampled_rows() -> list[str]:
     """The paper's ten Fisher merges with a sampled estimator (random/top-k/model at 3 k, target)."""
-    return [n for n in fisher_merges() if rows()[n].paper and rows()[n].estimator in (*TAKES_K, "target")]
+    return [n for n in fisher_merges() if rows()[n].paper and rows()[n].estimator in SAMPLED]
 
 
 def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:

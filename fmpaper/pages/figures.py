@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from ..fisher import ESTIMATORS, probability_mass_topk
+from ..fisher import ESTIMATORS, TAKES_K, probability_mass_topk
 from ..merge import fisher_weight_shares
 from ..rows import ESTIMATOR_NAMES, FisherSpec, fisher_merges, get_row, labels, row_order, trained
 from ..runs import (PAPER_COLUMNS, finished, fisher_of, load, load_paper_table, metrics_of, profile_data, run_dir,
@@ -319,7 +319,7 @@ def plot_weight_shares(shares: pd.DataFrame, caption: str | None = None) -> Figu
         ax.axvline(1 / len(models), color="0.2", linestyle=":", linewidth=1)
         est = sub["estimator"].iloc[0]
         k = sub["k"].iloc[0]
-        ax.set_title(ESTIMATOR_NAMES.get(est, est) + (f", k={int(k)}" if k and est not in ("exact", "target") else ""),
+        ax.set_title(ESTIMATOR_NAMES.get(est, est) + (f", k={int(k)}" if k and est in TAKES_K else ""),
                      fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_xlabel("share of Fisher mass")
