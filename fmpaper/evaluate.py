@@ -12,14 +12,14 @@ Protocols (book chapter "How the protocols differ", notebooks/protocols.ipynb):
              interaction table itself, and shuffling it in place reorders the data the test
              histories and targets are then read from, so every history and target becomes a
              random draw of items by popularity. FULL as under `paper`.
-  paper      as the authors' code ran, without that side effect: FULL does not mask the user's history; negatives are
-             drawn with replacement and may be the target itself or items of the history;
-             pop100 draws from the list of all interactions (train + valid + test), so popular
-             items recur. A negative that ties the target (e.g. the target drawn as its own
-             negative) counts as ranked above it.
+  paper      the authors' sampling rules without that side effect: FULL does not mask the
+             user's history; negatives are drawn with replacement and may be the target itself
+             or items of the history; pop100 draws from the list of all interactions (train +
+             valid + test), so popular items recur. A negative that ties the target (e.g.
+             the target drawn as its own negative) counts as ranked above it.
   corrected  negatives exclude every item of the user, are distinct, drawn uniformly or in
              proportion to item counts; FULL may mask the history (`mask_history`).
-Both are seeded here (the authors' sampler was not), so every number can be re-run.
+All three are seeded here (the authors' sampler was not), so every number can be re-run.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ The sampled estimators sum per-example squared gradients (in closed form, below)
 (sum_{i in b} w_ij) * (grad sum_{i in b} log p(v_ij|s_i))^2 / |b|, summed over batches and
 divided by N, so a batch of one is exactly the per-example estimate. Each sequence draws its own
 items; the poster's form, one item per draw shared by the whole batch, is not implemented (the
-method chapter's "Sampling estimators" gives the bias of both).
+method chapter's "Sampling estimators" gives the bias of the slot-paired form).
 
 Exact Fisher: derivation
 ------------------------

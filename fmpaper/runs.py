@@ -44,6 +44,7 @@ from .rows import FisherSpec, Row, get_row, in_family, rows, with_needs
 from .train import finish_run, hardware, load_data, load_run, partial_dir, train
 
 PAPER_TABLE = Path(__file__).with_name("paper") / "table.csv"
+PAPER_DATASET = "ml-1m"     # the dataset of the published table
 # paper table column of each (mode, metric) the paper reports
 PAPER_COLUMNS = {
     ("full", "ndcg@10"): "full_ndcg10", ("full", "ndcg@20"): "full_ndcg20",

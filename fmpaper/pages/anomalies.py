@@ -24,9 +24,9 @@ from scipy.stats import kendalltau
 from ..evaluate import evaluate
 from ..fisher import SAMPLED, TAKES_K
 from ..rows import fisher_merges, get_row, labels, rows
-from ..runs import is_finished, load, load_paper_table, profile_data, run_dir
+from ..runs import dataset_name, is_finished, load, load_paper_table, profile_data, run_dir
 from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds
-from .display import MODE_NAMES, Captioned, Text, check_params, runs_table, seeds_text
+from .display import MODE_NAMES, Captioned, Text, check_params, published_label, runs_table, seeds_text
 
 ML1M_USERS = 6040        # test users of ML-1M after the 5-core filter (`fmpaper data stats ml-1m`)
 
@@ -142,20 +142,21 @@ def ordering(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captio
     paper = load_paper_table()
     df = runs_table(dataset, profile, seeds)
     names = _sampled_rows()
+    pub = published_label(dataset_name(dataset or None, profile))
     cols, taus = {}, {}
     for mode, pcol in (("full", "full_ndcg10"), ("uni100", "random_ndcg10"), ("pop100", "popular_ndcg10")):
         ours = mean_over_seeds(df, protocol, mode, "ndcg@10")["mean"].reindex(names) if len(df) else pd.Series(np.nan, index=names)
         pv = paper[pcol].reindex(names)
         m = MODE_NAMES[mode]
-        cols[(m, "paper")], cols[(m, "ours")] = pv, ours
-        cols[(m, "rank paper")] = pv.rank(ascending=False, method="min")
+        cols[(m, pub)], cols[(m, "ours")] = pv, ours
+        cols[(m, f"rank {pub}")] = pv.rank(ascending=False, method="min")
         cols[(m, "rank ours")] = ours.rank(ascending=False, method="min")
         ok = pv.notna() & ours.notna()
         taus[m] = kendalltau(pv[ok], ours[ok]).statistic if ok.sum() >= 3 else float("nan")
     t = pd.DataFrame(cols)
     t.index = [f"{get_row(n).estimator} {get_row(n).k or ''}".strip() for n in names]
     note = (f"ours: {protocol} protocol, mean over seeds {seeds_text(check_params(seeds=seeds)['seeds'])}; Kendall's tau "
-            "between the paper's order and ours: " + ", ".join(f"{m} {v:+.2f}" for m, v in taus.items()) + ".")
+            f"between the {pub} order and ours: " + ", ".join(f"{m} {v:+.2f}" for m, v in taus.items()) + ".")
     return Captioned(t.round(4), "Order of the sampling schemes and of k (NDCG@10)", note)
 
 

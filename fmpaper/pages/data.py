@@ -114,8 +114,9 @@ def epoch_curve(dataset=None, profile="quick", seed=0) -> pd.DataFrame:
                       for h in history], columns=["epoch", "valid NDCG@10", "seconds"])
     metrics = metrics_of(d) if is_finished(d) else {}
     name = dataset_name(dataset or None, profile)
-    t.attrs.update(dataset=name, profile=profile, seed=seed, epochs=make_config(profile, dataset=dataset or None).epochs,
-                   hardware=metrics.get("hardware", ""),
+    cfg = make_config(profile, dataset=dataset or None)
+    t.attrs.update(dataset=name, profile=profile, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                   examples=metrics.get("data", {}).get("train_examples"), hardware=metrics.get("hardware", ""),
                    command=f"fmpaper curve --dataset {name} --profile {profile} --seed {seed}")
     return t
 
@@ -136,9 +137,11 @@ def curve_summary(curve: pd.DataFrame) -> Text:
     reach = (f"After the profile's {e} epoch(s) its validation NDCG@10 is {at_budget:.4f}, "
              f"{at_budget / v.max():.0%} of the best of the {len(v)} epochs ({v.max():.4f}, epoch {best_epoch})"
              if np.isfinite(at_budget) else f"The curve stops before the profile's {e} epochs")
+    steps = (f" An epoch is {a['examples']:,} training examples, about {-(-a['examples'] // a['batch_size']):,} "
+             f"optimizer steps of {a['batch_size']}." if a.get("examples") else "")
     return Text(f"SASRec on {a['dataset']} (seed {a['seed']}), trained {len(v)} epochs without early stopping "
                 f"at {curve['seconds'].mean():.0f} s per epoch ({a['hardware']}). {reach}; one epoch reaches "
-                f"{v.iloc[0] / v.max():.0%} of it.")
+                f"{v.iloc[0] / v.max():.0%} of it.{steps}")
 
 
 def plot_epoch_curve(curve: pd.DataFrame, caption: str | None = None) -> Figure:

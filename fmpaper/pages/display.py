@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 from .. import FmpaperError, __version__
 from ..config import PROFILES
 from ..rows import get_row, in_family
-from ..runs import collect, dataset_name, results_dir
+from ..runs import PAPER_DATASET, collect, dataset_name, results_dir
 from ..train import hardware
 
 MODE_NAMES = {"full": "FULL", "uni100": "RANDOM", "pop100": "POPULAR"}
@@ -100,6 +100,12 @@ def mean_sd(mean: float, sd: float, digits: int = 4) -> str:
     if mean is None or not np.isfinite(mean):
         return "not run"
     return f"{mean:.{digits}f}" + (f"±{sd:.{digits}f}" if sd is not None and np.isfinite(sd) else "")
+
+
+def published_label(dataset: str | None) -> str:
+    """How a table names the paper's column: "published", or "published (ML-1M)" beside runs of
+    another dataset (not "paper": that is also the name of a protocol)."""
+    return "published" if dataset == PAPER_DATASET else "published (ML-1M)"
 
 
 def seeds_text(seeds) -> str:

@@ -202,11 +202,12 @@ def closeness_summary(scratch: pd.DataFrame, tuned: pd.DataFrame) -> Text:
 def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
     """Per merge recipe and family: the FULL NDCG@10 difference to the best member on test
     (an oracle), with its verdict (Holm over each family's own comparisons)."""
-    cols, used = {}, {}
+    cols, used, family_size = {}, {}, {}
     for family, title in (("scratch", "members trained from scratch"), ("finetuned", "fine-tuned copies")):
         paired = paired_tests(dataset, profile, list(seeds), family=family)
         found, _ = finished(dataset, profile, list(seeds), in_family(family))
         used[title] = {s for _, s in found}
+        family_size[title] = len(paired)
         sub = paired[(paired["reference"] == "best member on test (oracle)") & (paired["protocol"] == "paper")
                      & (paired["mode"] == "full")]
         for _, r in sub.iterrows():
@@ -221,8 +222,9 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
                      index=pd.Index(labels(order), name="recipe"))
     note = ("Per-user FULL NDCG@10 of the merge minus that of its best member on test (chosen per seed), mean over "
             "seeds and users; verdict from the Holm-adjusted Wilcoxon p and the bootstrap interval, as on the "
-            "results page, each family adjusted over its own comparisons. Seeds: "
-            + "; ".join(f"{fam} {', '.join(map(str, sorted(s)))}" for fam, s in used.items()) + ".")
+            "results page, each family adjusted over all its own paired comparisons (every merge, reference, "
+            "protocol and mode: " + ", ".join(f"{fam} {n}" for fam, n in family_size.items())
+            + "). Seeds: " + "; ".join(f"{fam} {', '.join(map(str, sorted(s)))}" for fam, s in used.items()) + ".")
     return Captioned(t, "Do merges beat their members?", note)
 
 

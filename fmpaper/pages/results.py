@@ -15,11 +15,11 @@ from ..data import batches
 from ..evaluate import PROTOCOLS
 from ..objectives import Objective
 from ..rows import labels, row_order
-from ..runs import (BATCH_CHECK, PAPER_COLUMNS, collect, dataset_name, is_finished, load_paper_table, metrics_of,
+from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, collect, dataset_name, is_finished, load_paper_table, metrics_of,
                     profile_data, results_dir, run_dir)
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
-from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance, seeds_text,
-                      to_markdown)
+from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance,
+                      published_label, seeds_text, to_markdown)
 from .figures import fisher_costs
 
 
@@ -51,7 +51,6 @@ def side_by_side(df: pd.DataFrame, protocol: str, paper: pd.DataFrame | None = N
     return out
 
 
-PAPER_DATASET = "ml-1m"     # the dataset of the published table
 PAPER_PROTOCOL = "as-run"   # what the authors' code computed: the numbers the paper printed
 
 
@@ -64,8 +63,7 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
     same = df.attrs.get("dataset") == PAPER_DATASET
     tables = {p: side_by_side(df, p, paper) for p in PROTOCOLS}
     first = tables[PROTOCOLS[0]]
-    # not "paper": that is also the name of a protocol column of the same table
-    paper_name = "published" if same else "published (ML-1M)"
+    paper_name = published_label(df.attrs.get("dataset"))
 
     def num(x, signed=False):
         return "–" if x is None or not np.isfinite(x) else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
