@@ -15,8 +15,8 @@ from ..data import batches
 from ..evaluate import PROTOCOLS
 from ..objectives import Objective
 from ..rows import labels, row_order
-from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, collect, dataset_name, is_finished, load_paper_table, metrics_of,
-                    profile_data, results_dir, run_dir)
+from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, collect, dataset_name, is_finished, load_paper_table,
+                    metrics_of, profile_data, results_dir, run_dir)
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
 from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance,
                       published_label, seeds_text, to_markdown)
