@@ -84,16 +84,20 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_data):
     assert ma == mb
 
 
-def test_kill_9_then_rerun_matches_uninterrupted(tmp_path, smoke_data):
+def test_kill_9_then_rerun_matches_uninterrupted(tmp_path):
     """A real kill -9 at a random instant of the second epoch; the rerun resumes and ends equal."""
     import os
     import signal
     import time
     args = ["--profile", "smoke", "--variant", "cl4srec", "--epochs", "3", "--set", "patience=3", "--quiet"]
-    train(make_config("smoke", variant="cl4srec", epochs=3, patience=3), tmp_path / "straight", progress=False,
-          data=smoke_data)
-    cmd = [sys.executable, "-m", "fmpaper", "train", *args, "--out", str(tmp_path / "killed")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # both runs in a fresh process with one thread: the same reduction order whatever the test
+    # process did to its own torch settings before
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    fm = [sys.executable, "-m", "fmpaper", "train", *args, "--out"]
+    straight = subprocess.run([*fm, str(tmp_path / "straight")], capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr
+    cmd = [*fm, str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = tmp_path / "killed.partial" / "state.json"
     deadline = time.time() + 300
     while not (state.exists() and json.loads(state.read_text())["epoch"] >= 1) and proc.poll() is None:
@@ -104,7 +108,7 @@ def test_kill_9_then_rerun_matches_uninterrupted(tmp_path, smoke_data):
     proc.wait()
     if (tmp_path / "killed").exists():
         pytest.skip("the run finished before it could be killed")
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
