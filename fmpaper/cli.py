@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     w = sub.add_parser("restore", help="rebuild the kept checkpoints' runs in the run cache (checked against "
-                                       "runs.csv), so merges, pages and seeds build on them without retraining")
+                                       "runs.csv), so new rows, pages and seeds build on them without retraining or re-merging")
     w.add_argument("--dataset", default="ml-100k")
     w.add_argument("--profile", default="quick", choices=tuple(PROFILES))
     w.add_argument("--seeds", help="only these seeds and the runs their rows need: N (0..N-1), a list 3,4 or a "

@@ -10,7 +10,7 @@ This is the one module that knows the folder layout:
     <dataset>/<profile>/s<seed>/fisher/<member>-<estimator>-<hash>.safetensors   Fisher artifacts
   results    $FMPAPER_RESULTS, else results/ of the checkout
     <dataset>-<profile>/runs.csv, tables, figures/, notebooks/   written by the pages
-    <dataset>-<profile>/checkpoints/<row>-s<seed>.safetensors + .json   kept trained weights
+    <dataset>-<profile>/checkpoints/<row>-s<seed>.safetensors + .json   kept weights (trained, merged)
   the paper  fmpaper/paper/table.csv (inside the package)
 
 A run is cached under a hash of what defines it (its resolved config; for combined rows the
@@ -211,8 +211,8 @@ def extra_runs() -> list[str]:
 
 
 def kept_target(name: str, dataset_: str | None, profile: str, seed: int, root: Path | None = None) -> tuple[Path, Config]:
-    """(run dir, config its training must have) of a run with kept weights: a trained row, a
-    merge trained further, or one of `extra_runs`."""
+    """(run dir, config it must hold) of a run with kept weights (`kept_weights`) or one of
+    `extra_runs`."""
     if name == CURVE_NAME:
         return curve_dir(dataset_, profile, seed, root), curve_config(dataset_, profile, seed)
     if name.endswith(RANDOM_BATCHES) and name.removesuffix(RANDOM_BATCHES) in BATCH_CHECK:
@@ -222,10 +222,11 @@ def kept_target(name: str, dataset_: str | None, profile: str, seed: int, root: 
     row = get_row(name)
     if row.kind == "train":
         cfg = train_config(row, dataset_, profile, seed)
-    else:   # a merge trained further: the training its first member's config implies
+    else:   # a merge holds its first member's config; trained further, the training that implies
         first, s0 = row.needs(seed)[0]
-        cfg = finetune_config(train_config(get_row(first), dataset_, profile, s0), row.finetune_epochs,
-                              row.finetune_lr)
+        cfg = train_config(get_row(first), dataset_, profile, s0)
+        if row.finetune_epochs:
+            cfg = finetune_config(cfg, row.finetune_epochs, row.finetune_lr)
     return run_dir(name, dataset_, profile, seed, root), cfg
 
 
@@ -542,17 +543,26 @@ def training_record(run: Path) -> dict:
 
 def trained_weights(row: Row) -> bool:
     """Whether a row's weights come out of training (a trained row, or a merge trained further
-    after merging): the runs whose checkpoints are kept, since recomputing them means training."""
+    after merging): recomputing them means training, so `verify` restores them from their kept
+    checkpoints, where it recomputes every other merge from its members."""
     return row.kind == "train" or bool(row.finetune_epochs)
 
 
+def kept_weights(row: Row) -> bool:
+    """Whether a row's checkpoint is kept: every row with weights of its own (trained, merged, or
+    both). A merge's weights are kept although `verify` recomputes them, because its Fishers cost
+    up to an hour per seed on ML-1M: `restore` then rebuilds it in seconds. An output ensemble has
+    no weights (it is recomputed from its members)."""
+    return row.kind != "ensemble"
+
+
 def kept_runs(dataset_: str | None, profile: str, seeds: list[int]) -> dict:
-    """{(row, seed): run dir} of every finished run with trained weights that the profile's rows
-    for `seeds` use, members of other seeds (seed_shift) included, and of the `extra_runs`."""
+    """{(row, seed): run dir} of every finished run with kept weights that the profile's rows for
+    `seeds` use, members of other seeds (seed_shift) included, and of the `extra_runs`."""
     out = {}
     for name, seed in with_needs((n, s) for s in seeds for n in in_family(None, profile)):
         d = run_dir(name, dataset_, profile, seed)
-        if trained_weights(get_row(name)) and is_finished(d):
+        if kept_weights(get_row(name)) and is_finished(d):
             out[(name, seed)] = d
     for name in extra_runs():
         for seed in seeds:

@@ -1,20 +1,20 @@
 """`fmpaper verify` and `fmpaper restore`: the book's numbers from the kept checkpoints.
 
-The repository keeps the weights of every trained row the book shows
+The repository keeps the weights of every trained and merged row the book shows
 (results/<dataset>-<profile>/checkpoints/<row>-s<seed>.safetensors, with the run's config as
-.json). `verify` rebuilds those runs in a scratch runs root, re-evaluates each checkpoint under
-the three protocols (as-run, paper, corrected), recomputes every merge and ensemble from them
-(Fishers included), and compares every test metric and every trained row's validation NDCG@10
-with the committed runs.csv.
+.json). `verify` rebuilds the trained runs in a scratch runs root, re-evaluates each checkpoint
+under the three protocols (as-run, paper, corrected), recomputes every merge and ensemble from
+them (Fishers included; kept merge weights are not used), and compares every test metric and
+every trained row's validation NDCG@10 with the committed runs.csv.
 
 Tasks run `jobs` at a time, each with cores/jobs threads as `fmpaper reproduce` trains them;
 the progress bar counts work in the same units as reproduce's. The first mismatch, a missing
 checkpoint or a checkpoint whose config is not its row's ends in one line and exit status 2.
 
-`restore` rebuilds the same trained runs in the run cache itself, each checked against runs.csv
-as it lands, with the training record kept beside its checkpoint (or, for checkpoints kept
-without one, the record runs.csv holds): a fresh machine can then compute new merges, pages or
-seeds of the set without retraining what the repository already holds.
+`restore` rebuilds every kept run, merges included, in the run cache itself, each checked against
+runs.csv as it lands, with the record kept beside its checkpoint (or, for checkpoints kept without
+one, the record runs.csv holds): a fresh machine can then compute new rows, pages or seeds of the
+set without retraining or re-merging what the repository already holds.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .config import Config
 from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
-from .rows import get_row, in_family, with_needs
+from .rows import get_row, in_family, rows, with_needs
 from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs, is_finished,
                    kept_checkpoints, kept_target, results_dir, run_row, runs_root, trained_weights)
 from .train import finish_run, hardware, partial_dir
@@ -44,9 +44,10 @@ EVAL_COST = 0.02       # one evaluation under the three protocols, in reproduce'
 
 def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | Path,
                 record: dict | None = None) -> dict:
-    """Rebuild a trained row's run under runs root `root` from its kept checkpoint; its metrics.
-    `record` ({"metrics", "history"}, see runs.training_record) is what the training wrote
-    besides the weights; the test metrics and validation NDCG@10 are always recomputed."""
+    """Rebuild a kept run under runs root `root` from its checkpoint; its metrics. `record`
+    ({"metrics", "history"}, see runs.training_record) is what the training or merge wrote
+    besides the weights; the test metrics and validation NDCG@10 are always recomputed (the
+    latter kept only where training records it: not for a plain merge)."""
     weights, conf = checkpoint_files(dataset_, profile, name, seed)
     if not weights.is_file() or not conf.is_file():
         raise FmpaperError(f"no kept checkpoint for row {name} seed {seed} ({weights.name} in {weights.parent})")
@@ -76,9 +77,15 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
     part = partial_dir(out)
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
-    metrics = {**record.get("metrics", {}), "valid_ndcg@10": valid,
-               "restored_from": weights.name, "restored_on": hardware()}
+    metrics = {**record.get("metrics", {}), "restored_from": weights.name, "restored_on": hardware()}
+    if recorded is not None or not _merged(name):
+        metrics["valid_ndcg@10"] = valid
     return finish_run(part, out, model, data, cfg, metrics, record.get("history"))
+
+
+def _merged(name: str) -> bool:
+    """A merge not trained further: its runs record no validation NDCG@10."""
+    return name in rows() and not trained_weights(get_row(name))
 
 
 def _kind(name: str) -> str:

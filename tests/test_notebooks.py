@@ -21,8 +21,9 @@ from fmpaper import FmpaperError, reproduce
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
-from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_record, collect, curve_dir, extra_runs,
-                          keep_checkpoints, load_paper_table, run_curve, run_dir, run_row, training_record, user_ndcg)
+from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
+                          curve_dir, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir, run_row,
+                          training_record, user_ndcg)
 from fmpaper.stats import paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,11 +343,14 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
     kept = keep_checkpoints("ml-100k", "smoke", [0])
     # 6 trained rows of the table, cl4srec_as_run, 4 fine-tuned objectives, 12 merges trained
-    # further, and the two members of other seeds that the three-seed merges use
+    # further, the two members of other seeds that the three-seed merges use, and the 26 plain
+    # merges (14 of the scratch family, 12 of the fine-tuned one); no output ensemble
     of_rows = [p for p in kept if p.stem.rsplit("-s", 1)[0] not in extra_runs()]
-    assert len(of_rows) == 25 and all(p.with_suffix(".json").is_file() for p in kept)
+    assert len(of_rows) == 25 + 26 and all(p.with_suffix(".json").is_file() for p in kept)
     names = {p.stem for p in kept}
-    assert {"ft_uniform_tuned-s0", "duorec_sup-s1", "duorec_supunsup-s2", "cl4srec_as_run-s0"} <= names
+    assert {"ft_uniform_tuned-s0", "duorec_sup-s1", "duorec_supunsup-s2", "cl4srec_as_run-s0",
+            "fisher_exact-s0", "ft_uniform-s0", "uniform_seeds-s0"} <= names
+    assert not names & {"ensemble-s0", "ft_ensemble-s0"}
     assert not list(checkpoint_dir("ml-100k", "smoke").glob("*.tmp"))
     ok = fm_cli("verify", "--dataset", "ml-100k", "--profile", "smoke")
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -390,8 +394,9 @@ def fm_cli(*args, env=None):
 
 def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table, results_env, tmp_path):
     """`fmpaper restore` into an empty runs root: the trained runs come back as the runs that
-    trained them (record, history, test metrics), and a merge computed from them is the merge
-    computed from the originals."""
+    trained them (record, history, test metrics), the kept merges as the merges (no Fisher
+    recomputed), and a merge computed from the restored members is the merge computed from the
+    originals."""
     folder = results_env / "ml-100k-smoke"
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
@@ -407,9 +412,21 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
     env = {"FMPAPER_RUNS": str(root)}
     # one checkpoint kept without its record (as kept before records existed): runs.csv supplies it
     checkpoint_record("ml-100k", "smoke", "duorec_unsup", 0).unlink()
+    # one merge not kept: computed below from the restored members
+    weights, conf = checkpoint_files("ml-100k", "smoke", "fisher_random_10", 0)
+    for f in (weights, conf, checkpoint_record("ml-100k", "smoke", "fisher_random_10", 0)):
+        f.unlink()
+    kept.remove(weights)
     ok = fm_cli("restore", "--dataset", "ml-100k", "--profile", "smoke", "--quiet", env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.startswith(f"restored {len(kept)} runs of ml-100k-smoke into {root} (0 already there)")
+    for name in ("fisher_exact", "ft_fisher_model_10", "uniform_seeds"):
+        orig, back = smoke_table[name], run_dir(name, "ml-100k", "smoke", 0, root=root)
+        a, b = json.loads((orig / "metrics.json").read_text()), json.loads((back / "metrics.json").read_text())
+        assert_close_metrics(b["test"], a["test"], tol=1e-6)
+        assert b["members"] == a["members"] and b.get("fisher_seconds") == a.get("fisher_seconds")
+        assert "valid_ndcg@10" not in b                   # a plain merge records none
+    assert not list(root.rglob("fisher/*.safetensors"))  # restored merges computed no Fisher
     for name in ("baseline", "cl4srec_as_run", "ft_uniform_tuned", "duorec_unsup"):
         orig, back = smoke_table[name], run_dir(name, "ml-100k", "smoke", 0, root=root)
         a, b = json.loads((orig / "metrics.json").read_text()), json.loads((back / "metrics.json").read_text())
