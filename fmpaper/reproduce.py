@@ -358,7 +358,7 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
         say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
             f"{results_dir(dataset, profile) / 'notebooks'}")
     kept = keep_checkpoints(dataset, profile, seed_list)
-    say(f"{len(kept)} trained checkpoints kept in {checkpoint_dir(dataset, profile)} (`fmpaper verify` reads them)")
+    say(f"{len(kept)} checkpoints kept in {checkpoint_dir(dataset, profile)} (`fmpaper verify` and `fmpaper restore` read them)")
     out = {"rows": notebooks, "pages": [], "html": None}
     if not book:
         write_tables(dataset, profile, seed_list)
