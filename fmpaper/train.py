@@ -43,11 +43,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def processor() -> str:
+    """The CPU's model name where the system reports one (Linux: /proc/cpuinfo), else its
+    architecture. Recorded because model-based Fisher draws differ between processors."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     n = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()}, {n} thread{'' if n == 1 else 's'}"
+    return f"{processor()}, {n} thread{'' if n == 1 else 's'}"
 
 
 def load_data(cfg: Config) -> SeqData:
