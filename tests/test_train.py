@@ -125,3 +125,22 @@ def test_cli_train_errors_leave_nothing(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hardware_names_the_processor_and_threads(smoke_runs):
+    """A run records the processor's model name (model-based Fisher draws differ between
+    processors) and its thread count."""
+    from pathlib import Path
+
+    from fmpaper.train import hardware, processor
+    names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+             if l.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the run records the GPU's name")
+    if names:
+        assert processor() == names[0]
+    assert processor()
+    n = torch.get_num_threads()
+    assert hardware() == f"{processor()}, {n} thread{'' if n == 1 else 's'}"
+    recorded = json.loads((smoke_runs / "sasrec" / "metrics.json").read_text())["hardware"]
+    assert recorded.startswith(processor() + ", ")
