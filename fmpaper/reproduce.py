@@ -251,10 +251,10 @@ def run_rows(profile: str, dataset: str | None, seeds: list[int], names=None, pr
 
 def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Path | None = None,
               pages=PAGES, say=None) -> list[Path]:
-    """Execute the book's page notebooks and copy them into `book_dir` (default book/) once all
-    of them succeeded: a failure leaves book/ as it was and keeps the failed notebook under
-    results/<dataset>-<profile>/notebooks/failed-<page>.ipynb."""
-    book_dir = Path(book_dir or _root() / "book")
+    """Execute the book's page notebooks and copy them into `book_dir` (default: the set's own
+    folder, `book_folder`) once all of them succeeded: a failure leaves the book as it was and
+    keeps the failed notebook under results/<dataset>-<profile>/notebooks/failed-<page>.ipynb."""
+    book_dir = Path(book_dir or book_folder(dataset, profile))
     failed_dir = results_dir(dataset, profile) / "notebooks"
     params = {"dataset": dataset, "profile": profile,
               "seeds": len(seeds) if list(seeds) == list(range(len(seeds))) else list(seeds)}
@@ -365,7 +365,7 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
         say(f"tables written to {results_dir(dataset, profile)}")
         return out
     folder = book_folder(dataset, profile)
-    out["pages"] = run_pages(profile, dataset, seed_list, book_dir=folder, say=say)
+    out["pages"] = run_pages(profile, dataset, seed_list, say=say)
     if not in_toc(folder):
         rel = folder.relative_to(_root() / "book").as_posix()
         say(f"pages written to {folder}; the book shows them once _toc.yml lists them "

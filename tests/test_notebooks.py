@@ -183,6 +183,19 @@ def test_each_dataset_and_profile_has_its_book_folder():
     assert reproduce.book_folder("ml-1m", "quick") == book / "ml-1m-quick"
 
 
+@pytest.mark.parametrize("folder", sorted({(ROOT / "book" / f).parent for f in reproduce.toc_files()
+                                           if f.rsplit("/", 1)[-1] in reproduce.PAGES}))
+def test_each_published_page_holds_the_set_of_its_folder(folder):
+    """A page executed for one (dataset, profile) never sits in another set's folder."""
+    for page in reproduce.PAGES:
+        nb = nbformat.read(folder / f"{page}.ipynb", as_version=4)
+        injected = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1, f"{folder.name}/{page}: not executed by papermill"
+        params = {}
+        exec(injected[0], {}, params)
+        assert reproduce.book_folder(params["dataset"], params["profile"]) == folder, f"{folder.name}/{page}: {params}"
+
+
 def test_cli_reports_one_line_and_fails():
     run = subprocess.run([sys.executable, "-m", "fmpaper", "reproduce", "--profile", "smoke", "--rows", "nope"],
                          capture_output=True, text=True, cwd=ROOT)
