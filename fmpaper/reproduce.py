@@ -41,7 +41,8 @@ from .config import PROFILES, make_config
 from .pages.display import check_params
 from .pages.results import write_tables
 from .rows import get_row, in_family, with_needs
-from .runs import checkpoint_dir, is_finished, keep_checkpoints, repo_root, results_dir, run_dir
+from .runs import (check_nothing_dropped, checkpoint_dir, collect, is_finished, keep_checkpoints, repo_root,
+                   results_dir, run_dir)
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies", "fidelity")
 # the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
@@ -357,6 +358,7 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     if compute:
         say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
             f"{results_dir(dataset, profile) / 'notebooks'}")
+    check_nothing_dropped(dataset, profile, collect(dataset, profile, seed_list))   # before any file is written
     kept = keep_checkpoints(dataset, profile, seed_list)
     say(f"{len(kept)} checkpoints kept in {checkpoint_dir(dataset, profile)} (`fmpaper verify` and `fmpaper restore` read them)")
     out = {"rows": notebooks, "pages": [], "html": None}

@@ -511,6 +511,24 @@ def collect(dataset_: str | None, profile: str, seeds: list[int], names=None) ->
     return df
 
 
+def check_nothing_dropped(dataset_: str | None, profile: str, new: pd.DataFrame) -> None:
+    """FmpaperError if the written results/<set>/runs.csv holds a run (row, seed) that `new`
+    lacks (rows that no longer exist aside): rewriting runs.csv with `new` would lose it."""
+    path = results_dir(dataset_, profile) / "runs.csv"
+    if not path.is_file():
+        return
+    old = pd.read_csv(path, usecols=["row", "seed"]).drop_duplicates()
+    have = set(zip(new["row"], new["seed"].astype(int)))
+    lost = sorted((r, int(s)) for r, s in zip(old["row"], old["seed"]) if r in rows() and (r, int(s)) not in have)
+    if lost:
+        name = dataset_name(dataset_, profile)
+        raise FmpaperError(
+            f"{path.parent.name}/runs.csv holds {len(lost)} run(s) that this run cache or these seeds lack "
+            f"({', '.join(f'{r} seed {s}' for r, s in lost[:3])}{', ...' if len(lost) > 3 else ''}): "
+            f"`fmpaper restore --dataset {name} --profile {profile}` brings back the kept ones, `fmpaper reproduce` "
+            f"with the set's seeds computes the rest; runs.csv and the tables are left as they are")
+
+
 # ----------------------------------------------------------------------------- kept checkpoints
 
 def checkpoint_files(dataset_: str | None, profile: str, name: str, seed: int) -> tuple[Path, Path]:

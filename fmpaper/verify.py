@@ -11,8 +11,8 @@ Tasks run `jobs` at a time, each with cores/jobs threads as `fmpaper reproduce` 
 the progress bar counts work in the same units as reproduce's. The first mismatch, a missing
 checkpoint or a checkpoint whose config is not its row's ends in one line and exit status 2.
 
-`restore` rebuilds every kept run, merges included, in the run cache itself, each checked against
-runs.csv as it lands, with the record kept beside its checkpoint (or, for checkpoints kept without
+`restore` rebuilds every kept run, merges included, in the run cache itself, and recomputes the
+output ensembles (which have no weights) from their members, each checked against runs.csv as it lands, with the record kept beside its checkpoint (or, for checkpoints kept without
 one, the record runs.csv holds): a fresh machine can then compute new rows, pages or seeds of the
 set without retraining or re-merging what the repository already holds.
 """
@@ -35,7 +35,7 @@ from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row, in_family, rows, with_needs
 from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs, is_finished,
-                   kept_checkpoints, kept_target, results_dir, run_row, runs_root, trained_weights)
+                   kept_checkpoints, kept_target, results_dir, run_dir, run_row, runs_root, trained_weights)
 from .train import finish_run, hardware, partial_dir
 
 TOLERANCE = 1e-6
@@ -190,7 +190,8 @@ def _restore_task(task: tuple, dataset_: str, profile: str, records: dict) -> di
 def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int = 2, progress: bool = True,
             seeds: list[int] | None = None) -> dict:
     """Rebuild every kept checkpoint of results/<dataset>-<profile> (of `seeds` and the runs their
-    rows need, default all) as a finished run in the run cache, checking each against runs.csv;
+    rows need, default all) as a finished run in the run cache, then every output ensemble of
+    runs.csv whose members are there, checking each against runs.csv;
     runs already in the cache are left as they are. FmpaperError on a mismatch (the mismatching
     run is removed again). Returns {"set", "restored", "present", "root", "seconds"}."""
     t0 = time.perf_counter()
@@ -212,16 +213,31 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
             todo.append(("train", name, seed))
 
     def check(task, metrics):
-        _, name, seed = task
+        kind, name, seed = task
         bad = compare(expected, name, seed, metrics)
         if bad:
-            shutil.rmtree(kept_target(name, dataset_, profile, seed)[0], ignore_errors=True)
+            out = kept_target(name, dataset_, profile, seed)[0] if kind == "train" else run_dir(name, dataset_, profile, seed)
+            shutil.rmtree(out, ignore_errors=True)
             raise FmpaperError(f"mismatch, not restored: {bad[0]}")
     records = {t: kept_record(expected, dataset_, profile, t[1], t[2]) for t in todo}
     run_tasks(partial(_restore_task, dataset_=dataset_, profile=profile, records=records), todo,
               {t: set() for t in todo}, jobs, {t: round(100 * EVAL_COST) for t in todo},
               f"restore {dataset_name(dataset_, profile)}-{profile}", "runs", progress, on_done=check)
-    return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "restored": len(todo), "present": present,
+    # an output ensemble has no weights to keep: recompute it from its restored members (an
+    # evaluation, seconds), so the pages find every run of runs.csv
+    ensembles = expected[expected["row"].map(lambda n: n in rows() and get_row(n).kind == "ensemble")]
+    if seeds is not None:
+        ensembles = ensembles[ensembles["seed"].isin(seeds)]
+    done = 0
+    for name, seed in sorted(set(zip(ensembles["row"], ensembles["seed"].astype(int))), key=lambda t: (t[1], t[0])):
+        if is_finished(run_dir(name, dataset_, profile, seed)):
+            present += 1
+            continue
+        if not all(is_finished(kept_target(m, dataset_, profile, s)[0]) for m, s in get_row(name).needs(seed)):
+            continue
+        check(("combine", name, seed), run_row(name, dataset_, profile, seed, progress=False))
+        done += 1
+    return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "restored": len(todo) + done, "present": present,
             "root": str(runs_root()), "seconds": time.perf_counter() - t0}
 
 

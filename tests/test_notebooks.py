@@ -328,6 +328,25 @@ def test_profile_comparison_reads_each_profiles_runs(tmp_path, monkeypatch):
     assert results.profile_comparison("ml-100k").table.empty
 
 
+def test_tables_are_not_rewritten_without_a_run_runs_csv_holds(smoke_table, tmp_path, monkeypatch):
+    """A run cache lacking a run of the written runs.csv (a fresh machine before `fmpaper restore`,
+    fewer seeds) gets one line naming the runs, and no file is rewritten."""
+    monkeypatch.setenv("FMPAPER_RESULTS", str(tmp_path))
+    folder = tmp_path / "ml-100k-smoke"
+    folder.mkdir()
+    runs = collect("ml-100k", "smoke", [0])
+    extra = runs[runs["row"] == "baseline"].assign(seed=7)
+    pd.concat([runs, extra]).to_csv(folder / "runs.csv", index=False)
+    before = (folder / "runs.csv").read_text()
+    with pytest.raises(FmpaperError, match=r"ml-100k-smoke/runs.csv holds 1 run\(s\) that this run cache or these "
+                                           r"seeds lack \(baseline seed 7\): `fmpaper restore --dataset ml-100k"):
+        results.write_tables("ml-100k", "smoke", [0])
+    with pytest.raises(FmpaperError, match="baseline seed 7"):
+        reproduce.reproduce(profile="smoke", dataset="ml-100k", seeds=1, rows=["baseline"], book=False, progress=False)
+    assert (folder / "runs.csv").read_text() == before
+    assert not {p.name for p in folder.iterdir()} & {"tables.md", "paired.csv", "table_paper.csv", "checkpoints"}
+
+
 def test_same_dataset_tables_keep_the_published_value_beside_each_protocol():
     """On the paper's dataset the published column and our `paper` protocol column are two
     columns: the published value shows, and Δ is ours under as-run minus it."""
@@ -408,8 +427,8 @@ def fm_cli(*args, env=None):
 def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table, results_env, tmp_path):
     """`fmpaper restore` into an empty runs root: the trained runs come back as the runs that
     trained them (record, history, test metrics), the kept merges as the merges (no Fisher
-    recomputed), and a merge computed from the restored members is the merge computed from the
-    originals."""
+    recomputed), the output ensembles recomputed from their members, and a merge computed from
+    the restored members is the merge computed from the originals."""
     folder = results_env / "ml-100k-smoke"
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
@@ -432,7 +451,15 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
     kept.remove(weights)
     ok = fm_cli("restore", "--dataset", "ml-100k", "--profile", "smoke", "--quiet", env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stdout.startswith(f"restored {len(kept)} runs of ml-100k-smoke into {root} (0 already there)")
+    # the output ensembles have no weights: recomputed from their restored members
+    ensembles = sorted({n for n in pd.read_csv(folder / "runs.csv")["row"] if get_row(n).kind == "ensemble"})
+    assert ensembles == ["ensemble", "ft_ensemble"]
+    restored = len(kept) + len(ensembles)
+    assert ok.stdout.startswith(f"restored {restored} runs of ml-100k-smoke into {root} (0 already there)")
+    for name in ensembles:
+        a = json.loads((smoke_table[name] / "metrics.json").read_text())
+        b = json.loads((run_dir(name, "ml-100k", "smoke", 0, root=root) / "metrics.json").read_text())
+        assert_close_metrics(b["test"], a["test"], tol=1e-6)
     for name in ("fisher_exact", "ft_fisher_model_10", "uniform_seeds"):
         orig, back = smoke_table[name], run_dir(name, "ml-100k", "smoke", 0, root=root)
         a, b = json.loads((orig / "metrics.json").read_text()), json.loads((back / "metrics.json").read_text())
@@ -463,7 +490,7 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
     assert_close_metrics(merged["test"], json.loads((smoke_table["fisher_random_10"] / "metrics.json").read_text())["test"],
                          tol=1e-6)
     again = fm_cli("restore", "--dataset", "ml-100k", "--profile", "smoke", "--quiet", env=env)
-    assert again.returncode == 0 and f"restored 0 runs of ml-100k-smoke into {root} ({len(kept)} already there)" \
+    assert again.returncode == 0 and f"restored 0 runs of ml-100k-smoke into {root} ({restored} already there)" \
         in again.stdout
     # a checkpoint that does not give runs.csv's numbers is refused and leaves no run behind
     csv = pd.read_csv(folder / "runs.csv")

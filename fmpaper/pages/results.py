@@ -15,8 +15,8 @@ from ..data import batches
 from ..evaluate import PROTOCOLS
 from ..objectives import Objective
 from ..rows import labels, row_order
-from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, collect, dataset_name, is_finished, load_paper_table,
-                    metrics_of, profile_data, results_dir, run_dir)
+from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, check_nothing_dropped, collect, dataset_name,
+                    is_finished, load_paper_table, metrics_of, profile_data, results_dir, run_dir)
 from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
 from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance,
                       published_label, seeds_text, to_markdown)
@@ -191,7 +191,9 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
     """Write the long run table, the side-by-side tables (CSV per protocol, Markdown with the
     three side by side), the paired tests (CSV and Markdown) and the seconds of every Fisher computation (CSV) under results/<dataset>-<profile>/. Returns a table of the files written."""
     seeds = check_params(dataset=dataset, profile=profile, seeds=seeds)["seeds"]
-    runs = collect(dataset or None, profile, seeds) if runs is None else runs
+    every = collect(dataset or None, profile, seeds)
+    check_nothing_dropped(dataset or None, profile, every)
+    runs = every if runs is None else runs
     paired = paired_tests(dataset or None, profile, seeds) if paired is None else paired
     out = results_dir(dataset or None, profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,7 @@ def write_tables(dataset=None, profile="quick", seeds=1, runs: pd.DataFrame | No
         (out / name).write_text(text)
         written.append(name)
     # every row of the profile, both families: what `fmpaper verify` recomputes
-    put("runs.csv", collect(dataset or None, profile, seeds).to_csv(index=False))
+    put("runs.csv", every.to_csv(index=False))
     for protocol in PROTOCOLS:
         t = side_by_side(runs, protocol)
         flat = t.copy()
