@@ -12,8 +12,9 @@ the progress bar counts work in the same units as reproduce's. The first mismatc
 checkpoint or a checkpoint whose config is not its row's ends in one line and exit status 2.
 
 `restore` rebuilds every kept run, merges included, in the run cache itself, and recomputes the
-output ensembles (which have no weights) from their members, each checked against runs.csv as it lands, with the record kept beside its checkpoint (or, for checkpoints kept without
-one, the record runs.csv holds): a fresh machine can then compute new rows, pages or seeds of the
+output ensembles (which have no weights) from their members, each checked against runs.csv as it
+lands, with the record kept beside its checkpoint (or, for checkpoints kept without one, the
+record runs.csv holds): a fresh machine can then compute new rows, pages or seeds of the
 set without retraining or re-merging what the repository already holds.
 """
 from __future__ import annotations
@@ -216,7 +217,8 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
         kind, name, seed = task
         bad = compare(expected, name, seed, metrics)
         if bad:
-            out = kept_target(name, dataset_, profile, seed)[0] if kind == "train" else run_dir(name, dataset_, profile, seed)
+            out = (kept_target(name, dataset_, profile, seed)[0] if kind == "train"
+                   else run_dir(name, dataset_, profile, seed))
             shutil.rmtree(out, ignore_errors=True)
             raise FmpaperError(f"mismatch, not restored: {bad[0]}")
     records = {t: kept_record(expected, dataset_, profile, t[1], t[2]) for t in todo}
