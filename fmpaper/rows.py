@@ -54,7 +54,8 @@ class Row:
     k: int | None = None               # items per sequence for the estimators in fisher.TAKES_K
     batchwise: bool = False            # the batch-sum Fisher approximation (see FisherSpec)
     members: tuple = ()                # merge/ensemble rows: names of the train rows combined
-    finetune_epochs: int = 0           # CE epochs after merging (the authors used 10)
+    finetune_epochs: int = 0           # CE epochs after merging (the authors used 10); on a train row
+                                       #   with init_from: that run trained the same way (a control)
     finetune_lr: float | None = None   # their learning rate (None: the first member's)
     seed_shift: tuple = ()             # merge rows: member i is trained with seed + seed_shift[i]
     paper: bool = True                 # False: a reference row the paper does not have
@@ -95,7 +96,11 @@ class Row:
 
     def describe(self) -> str:
         """What the row computes, in one line."""
-        if self.kind == "train":
+        if self.kind == "train" and self.finetune_epochs:
+            lr = f" at lr {self.finetune_lr:g}" if self.finetune_lr else ""
+            what = (f"{self.init_from} trained {self.finetune_epochs} more epochs (at most the profile's) with "
+                    f"CE{lr}, last epoch kept, as the merges trained further are")
+        elif self.kind == "train":
             what = f"trained with objective {self.variant}"
             if self.settings:
                 what += " (" + ", ".join(f"{k} = {v}" for k, v in self.settings) + ")"
@@ -125,14 +130,20 @@ def _row(r: dict) -> Row:
 
 def _finetuned(spec: dict, scratch: dict[str, Row]) -> list[Row]:
     """The [finetuned] family: ft_<variant> for each objective, fine-tuned from the base row;
-    ft_<row> for each listed merge or ensemble, over the fine-tuned members; ft_<row>_tuned for
-    each listed merge, trained further with CE after merging."""
+    <member>_tuned for each merged member, trained further like the merges; ft_<row> for each
+    listed merge or ensemble, over the fine-tuned members; ft_<row>_tuned for each listed merge,
+    trained further with CE after merging."""
     out = []
     for v in spec["variants"]:
         src = next(r for r in scratch.values() if r.kind == "train" and r.variant == v and not r.settings)
         out.append(_row(dict(name=f"ft_{v}", label=f"FT: {src.label}", kind="train", variant=v, paper=False,
                              family="finetuned", counterpart=src.name,
                              settings={"init_from": spec["base"], "lr": spec["lr"]})))
+    labels_ = {r.name: r.label for r in out}
+    for m in spec["members"]:
+        out.append(_row(dict(name=f"{m}_tuned", label=labels_[m].replace("FT: ", "FT+CE: ", 1), kind="train",
+                             variant="sasrec", paper=False, family="finetuned", settings={"init_from": m},
+                             finetune_epochs=spec["tuned_epochs"], finetune_lr=spec["tuned_lr"])))
     for name in spec["merges"]:
         src = scratch[name]
         common = {k: v for k, v in src.__dict__.items() if k not in ("name", "label", "members", "paper")}
@@ -229,8 +240,17 @@ def one_seed_of(name: str) -> str | None:
 
 
 def uniform_of(name: str) -> str | None:
-    """The uniform merge of the same members as combined row `name` (its natural reference)."""
+    """The uniform merge of the same members as combined row `name`, trained further alike (its
+    natural reference)."""
     r = get_row(name)
     return next((n for n, o in rows().items() if o.method == "uniform" and o.kind == "merge"
-                 and o.members == r.members and o.seed_shift == r.seed_shift and not o.finetune_epochs
-                 and n != name), None)
+                 and o.members == r.members and o.seed_shift == r.seed_shift
+                 and o.finetune_epochs == r.finetune_epochs and n != name), None)
+
+
+def trained_further(name: str) -> str | None:
+    """The control of train row `name`: the row that trains it further as the merges are trained
+    after merging (same epochs, lr, objective), so that a merge trained further can be set against
+    members given the same extra budget; None when there is none."""
+    return next((n for n, o in rows().items() if o.kind == "train" and o.finetune_epochs
+                 and o.init_from == name), None)

@@ -139,6 +139,9 @@ def _hash(obj) -> str:
 
 
 def train_config(row: Row, dataset_: str | None, profile: str, seed: int, **overrides) -> Config:
+    if row.finetune_epochs:       # a trained run trained further, exactly as a merge of it would be
+        base = train_config(get_row(row.init_from), dataset_, profile, seed, **overrides)
+        return finetune_config(base, row.finetune_epochs, row.finetune_lr, init_from=row.init_from)
     return make_config(profile, variant=row.variant, dataset=dataset_, seed=seed,
                        **{**dict(row.settings), **overrides})
 
@@ -397,14 +400,15 @@ def combine(row: Row, member_dirs: list[Path], out: Path, progress: bool = True)
                       finetune_lr=row.finetune_lr, metrics=metrics, progress=progress)
 
 
-def finetune_config(member: Config, epochs: int, lr: float | None = None) -> Config:
+def finetune_config(member: Config, epochs: int, lr: float | None = None, init_from: str = "") -> Config:
     """The training of a merged model afterwards, as the authors ran it: CE only, `epochs`
     epochs at `lr` (default: the member's), the last epoch kept. The members' maximum epochs
-    (the profile's) caps it, as it caps every training of a profile."""
+    (the profile's) caps it, as it caps every training of a profile. `init_from`: the run it
+    starts from when that is a trained row (the control rows `<member>_tuned`), "" for a merge."""
     epochs = min(epochs, member.epochs)
     d = json.loads(member.to_json())
     d.update(variant="sasrec", epochs=epochs, patience=epochs, select="last", lr=lr or member.lr,
-             init_from="", cl4srec_inplace=False)
+             init_from=init_from, cl4srec_inplace=False)
     return Config.from_dict(d)
 
 

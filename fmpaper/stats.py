@@ -16,7 +16,7 @@ from scipy.stats import wilcoxon
 
 from . import FmpaperError
 from .evaluate import MODES, PROTOCOLS
-from .rows import combined, get_row, one_seed_of, trained, uniform_of
+from .rows import combined, get_row, one_seed_of, trained, trained_further, uniform_of
 from .runs import dataset_name, finished, is_finished, metrics_of, run_dir, user_ndcg
 
 
@@ -111,7 +111,7 @@ def hierarchical_ci(diffs: np.ndarray, n_boot: int = 2000, level: float = 0.95, 
 
 
 REFERENCES = ("validation-selected model", "best member on test (oracle)", "uniform merge",
-              "same merge, members of one seed")
+              "same merge, members of one seed", "best member trained as long, on test (oracle)")
 
 
 # the (protocol, mode) columns compared: `as-run` is left out (its FULL is paper FULL, its
@@ -132,7 +132,10 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
       test mean in that column;
     - the uniform merge of the same members;
     - for a merge of members trained with different seeds, the same merge of members of one seed
-      (which share their initial weights and batch order; `rows.one_seed_of`).
+      (which share their initial weights and batch order; `rows.one_seed_of`);
+    - for a merge trained further after merging, the best of its members trained further the
+      same way (`rows.trained_further`), chosen like the oracle above: the extra CE epochs are
+      then a budget both sides had.
 
     Per comparison: the mean difference over seeds and users; a percentile interval that
     resamples seeds and users together (`hierarchical_ci`; users only for one seed; column
@@ -164,14 +167,19 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
         if ref in (REFERENCES[2], REFERENCES[3]):
             r = uniform_of(name) if ref == REFERENCES[2] else one_seed_of(name)
             return (r, found.get((r, s)))
-        members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in get_row(name).needs(s)]
+        members = get_row(name).needs(s)
+        if ref == REFERENCES[4]:
+            members = [(trained_further(m), ms) for m, ms in members]
+        members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in members]
         members = [(m, d) for m, d in members if is_finished(d)]
         return max(members, key=lambda md: per_user(md[1], key).mean()) if members else (None, None)
     comparisons, diffs = [], []
     for name in compared:
         for ref in REFERENCES:
             if ((ref == REFERENCES[2] and uniform_of(name) is None)      # a uniform merge itself
-                    or (ref == REFERENCES[3] and one_seed_of(name) is None)):   # members of one seed
+                    or (ref == REFERENCES[3] and one_seed_of(name) is None)   # members of one seed
+                    or (ref == REFERENCES[4] and not (get_row(name).finetune_epochs and all(
+                        trained_further(m) for m in get_row(name).members)))):   # no budget to match
                 continue
             for key in keys:
                 chosen = [(found.get((name, s)), *reference(ref, name, s, key)) for s in seeds]

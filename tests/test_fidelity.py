@@ -15,8 +15,8 @@ from fmpaper.data import load
 from fmpaper.evaluate import block_negatives, ranks, shuffled_items
 from fmpaper.objectives import Objective, augment_inplace, augment_pair, draw_operators, reorder
 from fmpaper.pages.fidelity import mask_fraction, plot_mask_fraction
-from fmpaper.rows import get_row, rows
-from fmpaper.runs import finetune_config, run_dir, start_weights
+from fmpaper.rows import get_row, rows, trained_further, uniform_of
+from fmpaper.runs import finetune_config, kept_target, run_dir, start_weights, train_config
 from fmpaper.stats import chance_ndcg
 from fmpaper.train import load_run, train
 
@@ -254,6 +254,15 @@ def test_finetuned_rows_and_their_dependencies():
     tuned = r["ft_fisher_target_1_tuned"]
     assert tuned.members == ("ft_duorec_unsup", "ft_duorec_sup", "ft_duorec_supunsup")
     assert tuned.finetune_epochs == 10 and tuned.finetune_lr == 1e-4 and "ft_ensemble_tuned" not in r
+    for m in tuned.members:                       # each member trained further exactly as the merges are
+        control = r[f"{m}_tuned"]
+        assert trained_further(m) == control.name and control.needs(1) == [(m, 1)]
+        cfg = train_config(control, "ml-1m", "quick", 1)
+        merge_cfg = kept_target(tuned.name, "ml-1m", "quick", 1)[1]
+        assert cfg.init_from == m and dataclasses.replace(cfg, init_from="") == merge_cfg
+        assert (cfg.variant, cfg.select, cfg.epochs, cfg.lr) == ("sasrec", "last", 2, 1e-4)
+    assert trained_further("baseline") is None and uniform_of(tuned.name) == "ft_uniform_tuned"
+    assert uniform_of("ft_fisher_target_1") == "ft_uniform"
     assert r["fisher_exact_seeds"].needs(3) == [("duorec_unsup", 3), ("duorec_sup", 4), ("duorec_supunsup", 5)]
     assert not r["fisher_exact_seeds"].runs_in("paper") and r["ft_uniform"].runs_in("paper")
     assert get_row("cl4srec_as_run").settings == (("cl4srec_inplace", True),)

@@ -24,7 +24,7 @@ from fmpaper.rows import get_row, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
                           curve_dir, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir, run_row,
                           training_record, user_ndcg)
-from fmpaper.stats import paired_tests
+from fmpaper.stats import REFERENCES, paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -374,11 +374,12 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
     kept = keep_checkpoints("ml-100k", "smoke", [0])
-    # 6 trained rows of the table, cl4srec_as_run, 4 fine-tuned objectives, 12 merges trained
-    # further, the two members of other seeds that the three-seed merges use, and the 26 plain
-    # merges (14 of the scratch family, 12 of the fine-tuned one); no output ensemble
+    # 6 trained rows of the table, cl4srec_as_run, 4 fine-tuned objectives, the 3 fine-tuned
+    # members trained further, 12 merges trained further, the two members of other seeds that
+    # the three-seed merges use, and the 26 plain merges (14 of the scratch family, 12 of the
+    # fine-tuned one); no output ensemble
     of_rows = [p for p in kept if p.stem.rsplit("-s", 1)[0] not in extra_runs()]
-    assert len(of_rows) == 25 + 26 and all(p.with_suffix(".json").is_file() for p in kept)
+    assert len(of_rows) == 28 + 26 and all(p.with_suffix(".json").is_file() for p in kept)
     names = {p.stem for p in kept}
     assert {"ft_uniform_tuned-s0", "duorec_sup-s1", "duorec_supunsup-s2", "cl4srec_as_run-s0",
             "fisher_exact-s0", "ft_uniform-s0", "uniform_seeds-s0"} <= names
@@ -386,8 +387,8 @@ def test_verify_recomputes_every_number_from_kept_checkpoints(smoke_table, resul
     assert not list(checkpoint_dir("ml-100k", "smoke").glob("*.tmp"))
     ok = fm_cli("verify", "--dataset", "ml-100k", "--profile", "smoke")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    # 51 rows of runs.csv plus the 2 members of other seeds; 36 values per row (3 protocols x 3 modes x 4)
-    assert ok.stdout.startswith("verified 53 runs of ml-100k-smoke (seeds 0): all 1836 values") and \
+    # 54 rows of runs.csv plus the 2 members of other seeds; 36 values per row (3 protocols x 3 modes x 4)
+    assert ok.stdout.startswith("verified 56 runs of ml-100k-smoke (seeds 0): all 2016 values") and \
         ok.stdout.count("\n") == 1
 
     def fails(message):
@@ -514,6 +515,23 @@ def test_oracle_reference_is_the_best_member_on_test(smoke_table):
         means = {m: user_ndcg(smoke_table[m], key).mean() for m in rows()["fisher_exact"].members}
         assert r["reference_rows"] == max(means, key=means.get)
         assert r["mean_diff"] == pytest.approx(user_ndcg(smoke_table["fisher_exact"], key).mean() - max(means.values()))
+
+
+def test_merges_trained_further_meet_members_trained_as_long(smoke_table):
+    """The budget-matched reference: the best of the members trained the same extra CE epochs,
+    only for merges trained further, and the tuned uniform merge as their uniform reference."""
+    name = "ft_fisher_exact_tuned"
+    paired = paired_tests("ml-100k", "smoke", [0], names=[name, "ft_fisher_exact"], n_boot=50, family="finetuned")
+    matched = paired[paired["reference"] == REFERENCES[4]]
+    assert set(matched["row"]) == {name} and len(matched) == 5
+    for _, r in matched.iterrows():
+        key = f"{r['protocol']}.{r['mode']}"
+        means = {f"{m}_tuned": user_ndcg(smoke_table[f"{m}_tuned"], key).mean() for m in rows()[name].members}
+        assert r["reference_rows"] == max(means, key=means.get)
+        assert r["mean_diff"] == pytest.approx(user_ndcg(smoke_table[name], key).mean() - max(means.values()))
+    uniform = paired[paired["reference"] == REFERENCES[2]]
+    assert set(uniform["reference_rows"]) == {"ft_uniform_tuned", "ft_uniform"}
+    assert set(uniform[uniform["row"] == name]["reference_rows"]) == {"ft_uniform_tuned"}
 
 
 def test_ordering_summary_says_when_too_few_fisher_rows_ran(monkeypatch):

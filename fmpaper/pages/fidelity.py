@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..rows import get_row, in_family, labels, row_order
 from ..runs import finished, load_paper_table
-from ..stats import CANDIDATES, chance_ndcg, chance_sd, mean_over_seeds, paired_tests
+from ..stats import CANDIDATES, REFERENCES, chance_ndcg, chance_sd, mean_over_seeds, paired_tests
 from .display import PALETTE, Captioned, Text, empty, figure, mean_sd, provenance, seeds_text, style
 
 
@@ -172,6 +172,8 @@ def closeness(scratch: pd.DataFrame, tuned: pd.DataFrame) -> Captioned:
     for name in in_family("finetuned"):
         r = get_row(name)
         src = r.counterpart
+        if src is None:                                    # a control without a from-scratch recipe
+            continue
         key = labels([src])[0] + (" + CE after merging" if r.finetune_epochs else "")
         recs[key] = {"paper": f"{paper[src] - paper['baseline']:+.4f}" if src in paper.index else "–",
                      "from scratch": f"{a[src]:+.4f}" if src in a.index and not r.finetune_epochs else "–",
@@ -201,14 +203,15 @@ def closeness_summary(scratch: pd.DataFrame, tuned: pd.DataFrame) -> Text:
 
 def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
     """Per merge recipe and family: the FULL NDCG@10 difference to the best member on test
-    (an oracle), with its verdict (Holm over each family's own comparisons)."""
+    (an oracle), with its verdict (Holm over each family's own comparisons); for merges trained
+    further, also to the best member trained as long (the budget-matched control)."""
     cols, used, family_size = {}, {}, {}
     for family, title in (("scratch", "members trained from scratch"), ("finetuned", "fine-tuned copies")):
         paired = paired_tests(dataset, profile, list(seeds), family=family)
         found, _ = finished(dataset, profile, list(seeds), in_family(family))
         used[title] = {s for _, s in found}
         family_size[title] = len(paired)
-        sub = paired[(paired["reference"] == "best member on test (oracle)") & (paired["protocol"] == "paper")
+        sub = paired[paired["reference"].isin([REFERENCES[1], REFERENCES[4]]) & (paired["protocol"] == "paper")
                      & (paired["mode"] == "full")]
         for _, r in sub.iterrows():
             row = get_row(r["row"])
@@ -216,14 +219,17 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
                 continue
             recipe = row.counterpart or row.name
             col = title + (", then CE" if row.finetune_epochs else "")
+            if r["reference"] == REFERENCES[4]:
+                col += ", vs members trained as long"
             cols.setdefault(col, {})[recipe] = f"{r['mean_diff']:+.4f} {r['verdict']}"
     order = row_order({n for c in cols.values() for n in c})
     t = pd.DataFrame({c: [v.get(n, "–") for n in order] for c, v in cols.items()},
                      index=pd.Index(labels(order), name="recipe"))
     note = ("Per-user FULL NDCG@10 of the merge minus that of its best member on test (chosen per seed), mean over "
-            "seeds and users; verdict from the Holm-adjusted Wilcoxon p and the bootstrap interval, as on the "
-            "results page, each family adjusted over all its own paired comparisons (every merge, reference, "
-            "protocol and mode: " + ", ".join(f"{fam} {n}" for fam, n in family_size.items())
+            "seeds and users; \"vs members trained as long\": minus the best of its members trained the same extra "
+            "CE epochs (rows <member>_tuned). Verdict from the Holm-adjusted Wilcoxon p and the bootstrap interval, "
+            "as on the results page, each family adjusted over all its own paired comparisons (every merge, "
+            "reference, protocol and mode: " + ", ".join(f"{fam} {n}" for fam, n in family_size.items())
             + "). Seeds: " + "; ".join(f"{fam} {', '.join(map(str, sorted(s)))}" for fam, s in used.items()) + ".")
     return Captioned(t, "Do merges beat their members?", note)
 

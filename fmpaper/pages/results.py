@@ -141,7 +141,8 @@ def verdict(paired: pd.DataFrame) -> Captioned:
     "worse" or "–" (not resolved). The words follow the Holm-adjusted p-values (stats.verdicts)."""
     a = paired.attrs
     short = {REFERENCES[0]: "vs validation-selected", REFERENCES[1]: "vs best member (oracle)",
-             REFERENCES[2]: "vs uniform merge", REFERENCES[3]: "vs members of one seed"}
+             REFERENCES[2]: "vs uniform merge", REFERENCES[3]: "vs members of one seed",
+             REFERENCES[4]: "vs best member trained as long (oracle)"}
     cells = {}
     for ref in REFERENCES:
         for protocol, mode in VERDICT_COLUMNS:
