@@ -205,7 +205,7 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
     """Per merge recipe and family: the FULL NDCG@10 difference to the best member on test
     (an oracle), with its verdict (Holm over each family's own comparisons); for merges trained
     further, also to the best member trained as long (the budget-matched control)."""
-    cols, used, family_size = {}, {}, {}
+    cols, used, family_size, tally = {}, {}, {}, {}
     for family, title in (("scratch", "members trained from scratch"), ("finetuned", "fine-tuned copies")):
         paired = paired_tests(dataset, profile, list(seeds), family=family)
         found, _ = finished(dataset, profile, list(seeds), in_family(family))
@@ -222,6 +222,7 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
             if r["reference"] == REFERENCES[4]:
                 col += ", vs members trained as long"
             cols.setdefault(col, {})[recipe] = f"{r['mean_diff']:+.4f} {r['verdict']}"
+            tally.setdefault(col, []).append((r["mean_diff"], r["verdict"]))
     order = row_order({n for c in cols.values() for n in c})
     t = pd.DataFrame({c: [v.get(n, "–") for n in order] for c, v in cols.items()},
                      index=pd.Index(labels(order), name="recipe"))
@@ -230,8 +231,16 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
             "CE epochs (rows <member>_tuned). Verdict from the Holm-adjusted Wilcoxon p and the bootstrap interval, "
             "as on the results page, each family adjusted over all its own paired comparisons (every merge, "
             "reference, protocol and mode: " + ", ".join(f"{fam} {n}" for fam, n in family_size.items())
-            + "). Seeds: " + "; ".join(f"{fam} {', '.join(map(str, sorted(s)))}" for fam, s in used.items()) + ".")
+            + "). Seeds: " + "; ".join(f"{fam} {', '.join(map(str, sorted(s)))}" for fam, s in used.items()) + ". "
+            + " ".join(f"{col}: {_tally(v)}." for col, v in tally.items()))
     return Captioned(t, "Do merges beat their members?", note)
+
+
+def _tally(cells: list) -> str:
+    """'n better, n worse, n not resolved; mean difference x' over one column's comparisons."""
+    words = [w for _, w in cells]
+    return (", ".join(f"{words.count(w)} {w}" for w in ("better", "worse", "not resolved") if w in words)
+            + f" of {len(cells)}, mean difference {np.mean([d for d, _ in cells]):+.4f}")
 
 
 # ----------------------------------------------------------------------------- what stays unexplained
