@@ -237,7 +237,7 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
 
 
 def _tally(cells: list) -> str:
-    """'n better, n worse, n not resolved; mean difference x' over one column's comparisons."""
+    """'a better, b worse, c not resolved of n, mean difference x' over one column's comparisons."""
     words = [w for _, w in cells]
     return (", ".join(f"{words.count(w)} {w}" for w in ("better", "worse", "not resolved") if w in words)
             + f" of {len(cells)}, mean difference {np.mean([d for d, _ in cells]):+.4f}")
