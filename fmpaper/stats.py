@@ -110,8 +110,10 @@ def hierarchical_ci(diffs: np.ndarray, n_boot: int = 2000, level: float = 0.95, 
     return np.quantile(means, [a, 1 - a], axis=0).T
 
 
-REFERENCES = ("validation-selected model", "best member on test (oracle)", "uniform merge",
-              "same merge, members of one seed", "best member trained as long, on test (oracle)")
+# what a combined row is compared with (`paired_tests` says how each is chosen), in table order
+SELECTED, ORACLE, UNIFORM, ONE_SEED, AS_LONG = REFERENCES = (
+    "validation-selected model", "best member on test (oracle)", "uniform merge",
+    "same merge, members of one seed", "best member trained as long, on test (oracle)")
 
 
 # the (protocol, mode) columns compared: `as-run` is left out (its FULL is paper FULL, its
@@ -161,14 +163,14 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
 
     def reference(ref, name, s, key):
         """(row, run dir) of the reference for row `name`, seed s, column `key` (None: none)."""
-        if ref == REFERENCES[0]:
+        if ref == SELECTED:
             r = selected.get(s)
             return (r, found.get((r, s)))
-        if ref in (REFERENCES[2], REFERENCES[3]):
-            r = uniform_of(name) if ref == REFERENCES[2] else one_seed_of(name)
+        if ref in (UNIFORM, ONE_SEED):
+            r = uniform_of(name) if ref == UNIFORM else one_seed_of(name)
             return (r, found.get((r, s)))
         members = get_row(name).needs(s)
-        if ref == REFERENCES[4]:
+        if ref == AS_LONG:
             members = [(trained_further(m), ms) for m, ms in members]
         members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in members]
         members = [(m, d) for m, d in members if is_finished(d)]
@@ -176,9 +178,9 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
     comparisons, diffs = [], []
     for name in compared:
         for ref in REFERENCES:
-            if ((ref == REFERENCES[2] and uniform_of(name) is None)      # a uniform merge itself
-                    or (ref == REFERENCES[3] and one_seed_of(name) is None)   # members of one seed
-                    or (ref == REFERENCES[4] and not (get_row(name).finetune_epochs and all(
+            if ((ref == UNIFORM and uniform_of(name) is None)      # a uniform merge itself
+                    or (ref == ONE_SEED and one_seed_of(name) is None)   # members of one seed
+                    or (ref == AS_LONG and not (get_row(name).finetune_epochs and all(
                         trained_further(m) for m in get_row(name).members)))):   # no budget to match
                 continue
             for key in keys:

@@ -24,7 +24,7 @@ from fmpaper.rows import get_row, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
                           curve_dir, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir, run_row,
                           training_record, user_ndcg)
-from fmpaper.stats import REFERENCES, paired_tests
+from fmpaper.stats import AS_LONG, UNIFORM, paired_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -522,14 +522,14 @@ def test_merges_trained_further_meet_members_trained_as_long(smoke_table):
     only for merges trained further, and the tuned uniform merge as their uniform reference."""
     name = "ft_fisher_exact_tuned"
     paired = paired_tests("ml-100k", "smoke", [0], names=[name, "ft_fisher_exact"], n_boot=50, family="finetuned")
-    matched = paired[paired["reference"] == REFERENCES[4]]
+    matched = paired[paired["reference"] == AS_LONG]
     assert set(matched["row"]) == {name} and len(matched) == 5
     for _, r in matched.iterrows():
         key = f"{r['protocol']}.{r['mode']}"
         means = {f"{m}_tuned": user_ndcg(smoke_table[f"{m}_tuned"], key).mean() for m in rows()[name].members}
         assert r["reference_rows"] == max(means, key=means.get)
         assert r["mean_diff"] == pytest.approx(user_ndcg(smoke_table[name], key).mean() - max(means.values()))
-    uniform = paired[paired["reference"] == REFERENCES[2]]
+    uniform = paired[paired["reference"] == UNIFORM]
     assert set(uniform["reference_rows"]) == {"ft_uniform_tuned", "ft_uniform"}
     assert set(uniform[uniform["row"] == name]["reference_rows"]) == {"ft_uniform_tuned"}
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..rows import get_row, in_family, labels, row_order
 from ..runs import finished, load_paper_table
-from ..stats import CANDIDATES, REFERENCES, chance_ndcg, chance_sd, mean_over_seeds, paired_tests
+from ..stats import AS_LONG, CANDIDATES, ORACLE, chance_ndcg, chance_sd, mean_over_seeds, paired_tests
 from .display import PALETTE, Captioned, Text, empty, figure, mean_sd, provenance, seeds_text, style
 
 
@@ -211,7 +211,7 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
         found, _ = finished(dataset, profile, list(seeds), in_family(family))
         used[title] = {s for _, s in found}
         family_size[title] = len(paired)
-        sub = paired[paired["reference"].isin([REFERENCES[1], REFERENCES[4]]) & (paired["protocol"] == "paper")
+        sub = paired[paired["reference"].isin([ORACLE, AS_LONG]) & (paired["protocol"] == "paper")
                      & (paired["mode"] == "full")]
         for _, r in sub.iterrows():
             row = get_row(r["row"])
@@ -219,7 +219,7 @@ def merges_vs_members(dataset=None, profile="quick", seeds=(0,)) -> Captioned:
                 continue
             recipe = row.counterpart or row.name
             col = title + (", then CE" if row.finetune_epochs else "")
-            if r["reference"] == REFERENCES[4]:
+            if r["reference"] == AS_LONG:
                 col += ", vs members trained as long"
             cols.setdefault(col, {})[recipe] = f"{r['mean_diff']:+.4f} {r['verdict']}"
             tally.setdefault(col, []).append((r["mean_diff"], r["verdict"]))

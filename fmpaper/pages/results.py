@@ -17,7 +17,8 @@ from ..objectives import Objective
 from ..rows import labels, row_order
 from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, check_nothing_dropped, collect, dataset_name,
                     is_finished, load_paper_table, metrics_of, profile_data, results_dir, run_dir)
-from ..stats import REFERENCES, mean_over_seeds, paired_tests, single_model_ranks
+from ..stats import (AS_LONG, ONE_SEED, ORACLE, REFERENCES, SELECTED, UNIFORM, mean_over_seeds, paired_tests,
+                     single_model_ranks)
 from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance,
                       published_label, seeds_text, to_markdown)
 from .figures import fisher_costs
@@ -140,9 +141,8 @@ def verdict(paired: pd.DataFrame) -> Captioned:
     FULL and in the corrected sampled modes: rows x (reference, column), each cell "better",
     "worse" or "–" (not resolved). The words follow the Holm-adjusted p-values (stats.verdicts)."""
     a = paired.attrs
-    short = {REFERENCES[0]: "vs validation-selected", REFERENCES[1]: "vs best member (oracle)",
-             REFERENCES[2]: "vs uniform merge", REFERENCES[3]: "vs members of one seed",
-             REFERENCES[4]: "vs best member trained as long (oracle)"}
+    short = {SELECTED: "vs validation-selected", ORACLE: "vs best member (oracle)", UNIFORM: "vs uniform merge",
+             ONE_SEED: "vs members of one seed", AS_LONG: "vs best member trained as long (oracle)"}
     cells = {}
     for ref in REFERENCES:
         for protocol, mode in VERDICT_COLUMNS:
@@ -170,7 +170,7 @@ def standing(runs: pd.DataFrame, paired: pd.DataFrame) -> Captioned:
         c = column_name(protocol, mode)
         ranks = single_model_ranks(runs, protocol, mode, f"ndcg@{paired.attrs.get('k', 10)}")
         cols[(c, "mean")] = ranks["mean"]
-        for ref, short in ((REFERENCES[0], "Δ validation-selected"), (REFERENCES[1], "Δ best member (oracle)")):
+        for ref, short in ((SELECTED, "Δ validation-selected"), (ORACLE, "Δ best member (oracle)")):
             g = paired[(paired["reference"] == ref) & (paired["protocol"] == protocol) & (paired["mode"] == mode)]
             cols[(c, short)] = g.set_index("row")["mean_diff"]
         cols[(c, f"rank of {ranks.attrs['singles'] + 1}")] = ranks["rank"]
