@@ -254,3 +254,11 @@ def trained_further(name: str) -> str | None:
     members given the same extra budget; None when there is none."""
     return next((n for n, o in rows().items() if o.kind == "train" and o.finetune_epochs
                  and o.init_from == name), None)
+
+
+def members_trained_as_long(name: str) -> tuple | None:
+    """For a merge trained further: the control row of each of its members (`trained_further`),
+    in the members' order, its budget-matched reference; None for every other row."""
+    r = get_row(name)
+    controls = tuple(trained_further(m) for m in r.members)
+    return controls if r.finetune_epochs and controls and all(controls) else None

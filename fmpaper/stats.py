@@ -16,7 +16,7 @@ from scipy.stats import wilcoxon
 
 from . import FmpaperError
 from .evaluate import MODES, PROTOCOLS
-from .rows import combined, get_row, one_seed_of, trained, trained_further, uniform_of
+from .rows import combined, get_row, members_trained_as_long, one_seed_of, trained, uniform_of
 from .runs import dataset_name, finished, is_finished, metrics_of, run_dir, user_ndcg
 
 
@@ -136,8 +136,8 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
     - for a merge of members trained with different seeds, the same merge of members of one seed
       (which share their initial weights and batch order; `rows.one_seed_of`);
     - for a merge trained further after merging, the best of its members trained further the
-      same way (`rows.trained_further`), chosen like the oracle above: the extra CE epochs are
-      then a budget both sides had.
+      same way (`rows.members_trained_as_long`), chosen like the oracle above: the extra CE
+      epochs are then a budget both sides had.
 
     Per comparison: the mean difference over seeds and users; a percentile interval that
     resamples seeds and users together (`hierarchical_ci`; users only for one seed; column
@@ -170,8 +170,8 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
             r = uniform_of(name) if ref == UNIFORM else one_seed_of(name)
             return (r, found.get((r, s)))
         members = get_row(name).needs(s)
-        if ref == AS_LONG:
-            members = [(trained_further(m), ms) for m, ms in members]
+        if ref == AS_LONG:                     # each member's control, of the member's seed
+            members = list(zip(members_trained_as_long(name), (ms for _, ms in members)))
         members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in members]
         members = [(m, d) for m, d in members if is_finished(d)]
         return max(members, key=lambda md: per_user(md[1], key).mean()) if members else (None, None)
@@ -180,8 +180,7 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
         for ref in REFERENCES:
             if ((ref == UNIFORM and uniform_of(name) is None)      # a uniform merge itself
                     or (ref == ONE_SEED and one_seed_of(name) is None)   # members of one seed
-                    or (ref == AS_LONG and not (get_row(name).finetune_epochs and all(
-                        trained_further(m) for m in get_row(name).members)))):   # no budget to match
+                    or (ref == AS_LONG and members_trained_as_long(name) is None)):   # no budget to match
                 continue
             for key in keys:
                 chosen = [(found.get((name, s)), *reference(ref, name, s, key)) for s in seeds]

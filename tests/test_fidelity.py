@@ -15,7 +15,7 @@ from fmpaper.data import load
 from fmpaper.evaluate import block_negatives, ranks, shuffled_items
 from fmpaper.objectives import Objective, augment_inplace, augment_pair, draw_operators, reorder
 from fmpaper.pages.fidelity import mask_fraction, plot_mask_fraction
-from fmpaper.rows import get_row, rows, trained_further, uniform_of
+from fmpaper.rows import get_row, members_trained_as_long, rows, trained_further, uniform_of
 from fmpaper.runs import finetune_config, kept_target, run_dir, start_weights, train_config
 from fmpaper.stats import chance_ndcg
 from fmpaper.train import load_run, train
@@ -263,6 +263,8 @@ def test_finetuned_rows_and_their_dependencies():
         assert (cfg.variant, cfg.select, cfg.epochs, cfg.lr) == ("sasrec", "last", 2, 1e-4)
     assert trained_further("baseline") is None and uniform_of(tuned.name) == "ft_uniform_tuned"
     assert uniform_of("ft_fisher_target_1") == "ft_uniform"
+    assert members_trained_as_long(tuned.name) == tuple(f"{m}_tuned" for m in tuned.members)
+    assert members_trained_as_long("ft_fisher_target_1") is None and members_trained_as_long("fisher_exact") is None
     assert r["fisher_exact_seeds"].needs(3) == [("duorec_unsup", 3), ("duorec_sup", 4), ("duorec_supunsup", 5)]
     assert not r["fisher_exact_seeds"].runs_in("paper") and r["ft_uniform"].runs_in("paper")
     assert get_row("cl4srec_as_run").settings == (("cl4srec_inplace", True),)
