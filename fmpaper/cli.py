@@ -156,7 +156,7 @@ def cmd_restore(a) -> None:
 
 def cmd_reproduce(a) -> None:
     reproduce(profile=a.profile, dataset=a.dataset, seeds=_parse_seeds(a.seeds), rows=a.rows,
-              book=not a.no_book, jobs=a.jobs, compute=not a.pages_only)
+              book=not a.no_book, jobs=a.jobs, compute=not a.pages_only, threads=a.threads)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -247,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dataset", help="default: the profile's")
     x.add_argument("--seeds", default="1", help="N: seeds 0..N-1; or a list 3,4 or a range 3-5")
     x.add_argument("--jobs", type=int, default=1,
-                   help="rows run at a time, each with cores/jobs threads (2 on a 2-core machine)")
+                   help="rows run at a time, each with threads/jobs threads (2 on a 2-core machine)")
+    x.add_argument("--threads", type=int,
+                   help="threads for everything it runs, shared by the jobs (default: OMP_NUM_THREADS, "
+                        "else every core); 1 beside another training keeps the two from slowing each other")
     x.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     x.add_argument("--no-book", action="store_true", help="skip the book build")
     x.add_argument("--pages-only", action="store_true",

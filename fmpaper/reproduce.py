@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import partial
 from multiprocessing import get_context
@@ -180,6 +181,40 @@ def _execute_row(task, profile, dataset, folder) -> Path:
                    f"row {name} (seed {seed})")
 
 
+def core_budget() -> int:
+    """The cores this process may use: OMP_NUM_THREADS when set (`fmpaper reproduce --threads`
+    sets it), else every core. Parallel jobs split it; notebook kernels inherit it."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def thread_budget(threads: int | None):
+    """Within the block, this process and every process it starts (workers, papermill kernels)
+    use at most `threads` threads (None: leave the environment as it is). A page kernel beside a
+    training otherwise takes every core and the two slow each other several times over."""
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise FmpaperError(f"threads must be a positive integer, got {threads!r}")
+    saved = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved_torch = torch.get_num_threads()
+    os.environ.update({var: str(threads) for var in saved})
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        torch.set_num_threads(saved_torch)
+
+
 def _worker_threads(threads: int) -> None:
     # one job's share of the cores: for the work done in the worker, and for the kernels
     # papermill starts from it (they inherit the environment)
@@ -190,7 +225,7 @@ def _worker_threads(threads: int) -> None:
 
 def run_tasks(fn, tasks: list, needs: dict, jobs: int, units: dict, desc: str, noun: str,
               progress: bool = True, on_done=None) -> dict:
-    """fn(task) for every task, `jobs` at a time in spawned processes with cores/jobs threads each
+    """fn(task) for every task, `jobs` at a time in spawned processes with core_budget()/jobs threads each
     (jobs=1: here, in order), a task starting once every task in needs[task] has finished. The
     bar advances by units[task] (integers, so the updates add up to the total exactly).
     on_done(task, result) runs here as each task ends. The first FmpaperError, from a task or
@@ -211,7 +246,7 @@ def run_tasks(fn, tasks: list, needs: dict, jobs: int, units: dict, desc: str, n
             finish(task, fn(task))
         bar.close()
         return finished
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, core_budget() // jobs)
     running, waiting, error = {}, list(tasks), None
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_threads,
                              initargs=(threads,)) as pool:
@@ -338,13 +373,20 @@ def build_book(book_dir: Path | None = None, output: Path | None = None) -> Path
 
 
 def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=None, book: bool = True,
-              progress: bool = True, jobs: int = 1, compute: bool = True) -> dict:
+              progress: bool = True, jobs: int = 1, compute: bool = True, threads: int | None = None) -> dict:
     """Every row (for seeds 0..seeds-1, or the listed seeds) through its notebook, `jobs` rows
     at a time, then the book (unless book=False: then only the result tables are written).
     compute=False skips the rows: the pages then show the runs finished so far (and list the
-    missing ones), for a partial result while long trainings go on. Returns what was written."""
+    missing ones), for a partial result while long trainings go on. threads bounds the threads
+    of everything it runs (the rows share them; default: OMP_NUM_THREADS, else every core).
+    Returns what was written."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise FmpaperError(f"jobs must be a positive integer, got {jobs!r}")
+    with thread_budget(threads):
+        return _reproduce(profile, dataset, seeds, rows, book, progress, jobs, compute)
+
+
+def _reproduce(profile, dataset, seeds, rows, book, progress, jobs, compute) -> dict:
     if profile not in PROFILES:
         raise FmpaperError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
@@ -353,7 +395,8 @@ def reproduce(profile: str = "quick", dataset: str | None = None, seeds=1, rows=
     _row_plan(rows, seed_list, profile)  # validate before anything runs
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
-    say(f"fmpaper reproduce: profile {profile}, dataset {p['dataset']}, seeds {seed_list}, {jobs} job(s)")
+    say(f"fmpaper reproduce: profile {profile}, dataset {p['dataset']}, seeds {seed_list}, {jobs} job(s), "
+        f"{core_budget()} thread(s)")
     notebooks = run_rows(profile, dataset, seed_list, rows, progress, jobs) if compute else []
     if compute:
         say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "

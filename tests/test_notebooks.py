@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fmpaper import FmpaperError, reproduce
@@ -206,13 +207,30 @@ def test_cli_reports_one_line_and_fails():
 
 @pytest.mark.parametrize("args,message", [(["--seeds", "2-1"], "--seeds takes N"),
                                           (["--seeds", "a,b"], "--seeds takes N"),
-                                          (["--jobs", "0"], "jobs must be a positive integer")])
+                                          (["--jobs", "0"], "jobs must be a positive integer"),
+                                          (["--threads", "0"], "threads must be a positive integer")])
 def test_cli_bad_seeds_or_jobs(args, message):
     run = subprocess.run([sys.executable, "-m", "fmpaper", "reproduce", "--profile", "smoke", *args],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_thread_budget_reaches_child_processes_and_is_undone(monkeypatch):
+    # a papermill kernel or a worker started inside the block sees the budget; after it, the
+    # environment and torch's thread count are as they were
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    before = torch.get_num_threads()
+    probe = [sys.executable, "-c", "import os; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))"]
+    with reproduce.thread_budget(1):
+        assert subprocess.run(probe, capture_output=True, text=True).stdout.split() == ["1", "1"]
+        assert torch.get_num_threads() == 1 and reproduce.core_budget() == 1
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "7"
+    assert torch.get_num_threads() == before
+    with reproduce.thread_budget(None):
+        assert "OMP_NUM_THREADS" not in os.environ
 
 
 def test_reproduce_rows_without_book(smoke_table, results_env):
