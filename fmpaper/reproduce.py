@@ -17,6 +17,7 @@ cell; the executed notebook holding the full traceback is kept and named in that
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from . import FmpaperError, first_line
 from .config import PROFILES, make_config
-from .pages.display import check_params
+from .pages.display import STAMP_WHEN, check_params
 from .pages.results import write_tables
 from .rows import get_row, in_family, with_needs
 from .runs import (check_nothing_dropped, checkpoint_dir, collect, is_finished, keep_checkpoints, repo_root,
@@ -86,6 +87,7 @@ def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | No
     and the failing cell if it raises."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    before = out.read_bytes() if out.is_file() else None
     try:
         pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=KERNEL,
                             progress_bar=False, log_output=False, cwd=str(src.parent),
@@ -101,7 +103,30 @@ def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | No
         raise FmpaperError(f"{what}: notebook {src.name} could not run: {type(e).__name__}: "
                            f"{first_line(e) or 'no message'}") from None
     _tidy(out, src)
+    if before is not None and same_but_timing(before, out.read_bytes()):
+        out.write_bytes(before)   # a cached run read back again: keep the file, not new timestamps
     return out
+
+
+def same_but_timing(a: bytes, b: bytes) -> bool:
+    """Whether two executed notebooks differ only in when they ran: papermill's start and end
+    times and durations, the kernel's per-cell execution times, the id papermill gives the cell
+    it injects and the time in the notebook's own stamp (`STAMP_WHEN`). Re-executing a notebook
+    over cached runs then leaves its file untouched."""
+    def core(raw):
+        nb = json.loads(STAMP_WHEN.sub("Notebook executed", raw.decode()))
+        for key in ("start_time", "end_time", "duration"):
+            nb.get("metadata", {}).get("papermill", {}).pop(key, None)
+        for cell in nb.get("cells", []):
+            cell.get("metadata", {}).pop("papermill", None)
+            cell.get("metadata", {}).pop("execution", None)
+            if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+                cell.pop("id", None)
+        return nb
+    try:
+        return core(a) == core(b)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return False
 
 
 def _tidy(path: Path, src: Path, final: Path | None = None) -> None:
@@ -311,8 +336,10 @@ def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Pat
             (failed_dir / f"failed-{page}.ipynb").unlink(missing_ok=True)
         book_dir.mkdir(parents=True, exist_ok=True)
         for page in pages:
-            _tidy(Path(tmp) / f"{page}.ipynb", template(page), book_dir / f"{page}.ipynb")
-            shutil.copyfile(Path(tmp) / f"{page}.ipynb", book_dir / f"{page}.ipynb")
+            new, dst = Path(tmp) / f"{page}.ipynb", book_dir / f"{page}.ipynb"
+            _tidy(new, template(page), dst)
+            if not (dst.is_file() and same_but_timing(dst.read_bytes(), new.read_bytes())):
+                shutil.copyfile(new, dst)
     return [book_dir / f"{page}.ipynb" for page in pages]
 
 

@@ -246,6 +246,29 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
     for name in ("runs.csv", "table_as-run.csv", "table_paper.csv", "table_corrected.csv", "tables.md", "paired.csv",
                  "paired.md", "fisher_costs.csv"):
         assert (folder / name).is_file(), name
+    # executed again over the cached run, a row notebook differs only in when it ran: kept as it was
+    before = (folder / "notebooks" / "baseline-s0.ipynb").read_bytes()
+    reproduce.run_rows("smoke", "ml-100k", [0], names=["baseline"], progress=False)
+    assert (folder / "notebooks" / "baseline-s0.ipynb").read_bytes() == before
+
+
+def test_same_but_timing_ignores_when_and_nothing_else():
+    raw = (ROOT / "results" / "ml-100k-paper" / "notebooks" / "baseline-s0.ipynb").read_bytes()
+    nb = json.loads(raw)
+    nb["metadata"]["papermill"]["start_time"] = "2030-01-01T00:00:00+00:00"
+    for cell in nb["cells"]:
+        cell["metadata"].get("execution", {})["iopub.status.idle"] = "2030-01-01T00:00:01Z"
+        if "injected-parameters" in cell["metadata"].get("tags", []):
+            cell["id"] = "00000000"
+    later = re.sub(r"Notebook executed [0-9-]+ [0-9:]+ UTC in [0-9.]+ s", "Notebook executed 2030-01-01 00:00:00 UTC in 9.9 s",
+                   json.dumps(nb, indent=1))
+    assert later != raw.decode() and reproduce.same_but_timing(raw, later.encode())
+    assert reproduce.same_but_timing(raw, raw)
+    changed = json.loads(later)
+    out = next(o for c in changed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if "data" in o)
+    out["data"]["text/plain"] = ["something else"]
+    assert not reproduce.same_but_timing(raw, json.dumps(changed).encode())
+    assert not reproduce.same_but_timing(raw, b"not a notebook")
 
 
 def test_parallel_rows_stop_on_a_failing_row(tmp_path, results_env):

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,10 @@ class Stamp:
 
     def __repr__(self) -> str:
         return self.text()
+
+
+# the part of `Stamp.text()` that differs between two executions of the same notebook
+STAMP_WHEN = re.compile(r"Notebook executed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC in \d+\.\d s")
 
 
 class Record:
