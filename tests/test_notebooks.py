@@ -246,9 +246,10 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
     for name in ("runs.csv", "table_as-run.csv", "table_paper.csv", "table_corrected.csv", "tables.md", "paired.csv",
                  "paired.md", "fisher_costs.csv"):
         assert (folder / name).is_file(), name
-    # executed again over the cached run, a row notebook differs only in when it ran: kept as it was
+    # executed again over the cached run (with the same threads: the stamp names them), a row
+    # notebook differs only in when it ran: kept as it was
     before = (folder / "notebooks" / "baseline-s0.ipynb").read_bytes()
-    reproduce.run_rows("smoke", "ml-100k", [0], names=["baseline"], progress=False)
+    reproduce.run_rows("smoke", "ml-100k", [0], names=["baseline"], progress=False, jobs=2)
     assert (folder / "notebooks" / "baseline-s0.ipynb").read_bytes() == before
 
 
