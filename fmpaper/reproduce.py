@@ -43,8 +43,8 @@ from .config import PROFILES, make_config
 from .pages.display import STAMP_WHEN, check_params
 from .pages.results import write_tables
 from .rows import get_row, in_family, with_needs
-from .runs import (check_nothing_dropped, checkpoint_dir, collect, is_finished, keep_checkpoints, repo_root,
-                   results_dir, run_dir)
+from .runs import (check_nothing_dropped, checkpoint_dir, collect, finished_by, is_finished, keep_checkpoints,
+                   repo_root, results_dir, run_dir)
 
 PAGES = ("data", "results", "figures", "protocols", "anomalies", "fidelity")
 # the (dataset, profile) whose pages sit at the top of book/; every other one gets its own
@@ -428,6 +428,14 @@ def _reproduce(profile, dataset, seeds, rows, book, progress, jobs, compute) -> 
     if compute:
         say(f"rows done in {time.perf_counter() - t0:.0f} s: executed notebooks in "
             f"{results_dir(dataset, profile) / 'notebooks'}")
+    # from here on the set of runs is fixed: one finishing beside this command (another
+    # training) stays out of the kept checkpoints, the tables and every page alike
+    with finished_by(time.time()):
+        return _write(dataset, profile, seed_list, book, notebooks, say, t0)
+
+
+def _write(dataset, profile, seed_list, book, notebooks, say, t0) -> dict:
+    """The kept checkpoints, the tables, the pages and the book, from the finished runs."""
     check_nothing_dropped(dataset, profile, collect(dataset, profile, seed_list))   # before any file is written
     kept = keep_checkpoints(dataset, profile, seed_list)
     say(f"{len(kept)} checkpoints kept in {checkpoint_dir(dataset, profile)} (`fmpaper verify` and `fmpaper restore` read them)")

@@ -468,9 +468,34 @@ def finished(dataset_, profile, seeds, names=None) -> tuple[dict, list]:
     return found, missing
 
 
+# While `finished_by` holds, runs finished after its time count as unfinished, in this process
+# and in the notebook kernels it starts: pages executed while a training goes on beside them then
+# all show one set of runs, the one runs.csv and the kept checkpoints hold.
+FINISHED_BY = "FMPAPER_FINISHED_BY"
+
+
 def is_finished(run: Path) -> bool:
-    """A run is finished once its metrics.json exists: training and combining write it last, whole."""
-    return (Path(run) / "metrics.json").is_file()
+    """A run is finished once its metrics.json exists (training and combining write it last,
+    whole), and, within `finished_by(t)`, was written by time t."""
+    metrics = Path(run) / "metrics.json"
+    if not metrics.is_file():
+        return False
+    by = os.environ.get(FINISHED_BY)
+    return by is None or metrics.stat().st_mtime <= float(by)
+
+
+@contextmanager
+def finished_by(t: float):
+    """Within the block (and in processes started in it) only runs finished by time t count."""
+    saved = os.environ.get(FINISHED_BY)
+    os.environ[FINISHED_BY] = repr(float(t))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FINISHED_BY, None)
+        else:
+            os.environ[FINISHED_BY] = saved
 
 
 def metrics_of(run: Path) -> dict:

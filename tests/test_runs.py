@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -245,3 +246,21 @@ def test_epoch_budget_curve_trains_every_epoch_and_is_cached(monkeypatch, tmp_pa
     stamp = (curve_dir("ml-100k", "smoke") / "metrics.json").stat().st_mtime_ns
     run_curve("ml-100k", "smoke", progress=False)  # cached: nothing retrained
     assert (curve_dir("ml-100k", "smoke") / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_finished_by_fixes_the_set_of_runs(tmp_path, monkeypatch):
+    # a run that finishes while the pages are executed stays out of them: within finished_by(t),
+    # in this process and in the processes it starts, only runs finished by t count
+    monkeypatch.delenv(runs.FINISHED_BY, raising=False)
+    early, late = tmp_path / "early", tmp_path / "late"
+    for d, when in ((early, 1_000.0), (late, 2_000.0)):
+        d.mkdir()
+        (d / "metrics.json").write_text("{}")
+        os.utime(d / "metrics.json", (when, when))
+    assert runs.is_finished(early) and runs.is_finished(late)
+    probe = [sys.executable, "-c", f"from fmpaper.runs import is_finished; print(is_finished({str(late)!r}))"]
+    with runs.finished_by(1_500.0):
+        assert runs.is_finished(early) and not runs.is_finished(late)
+        assert not runs.is_finished(tmp_path / "never")
+        assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "False"
+    assert runs.is_finished(late) and runs.FINISHED_BY not in os.environ
