@@ -206,6 +206,9 @@ def _execute_row(task, profile, dataset, folder) -> Path:
                    f"row {name} (seed {seed})")
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # what a child process reads its threads from
+
+
 def core_budget() -> int:
     """The cores this process may use: OMP_NUM_THREADS when set (`fmpaper reproduce --threads`
     sets it), else every core. Parallel jobs split it; notebook kernels inherit it."""
@@ -225,10 +228,9 @@ def thread_budget(threads: int | None):
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise FmpaperError(f"threads must be a positive integer, got {threads!r}")
-    saved = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved = {var: os.environ.get(var) for var in THREAD_VARS}
     saved_torch = torch.get_num_threads()
-    os.environ.update({var: str(threads) for var in saved})
-    torch.set_num_threads(threads)
+    _worker_threads(threads)
     try:
         yield
     finally:
@@ -243,7 +245,7 @@ def thread_budget(threads: int | None):
 def _worker_threads(threads: int) -> None:
     # one job's share of the cores: for the work done in the worker, and for the kernels
     # papermill starts from it (they inherit the environment)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in THREAD_VARS:
         os.environ[var] = str(threads)
     torch.set_num_threads(threads)
 
