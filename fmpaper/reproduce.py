@@ -38,7 +38,7 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm import tqdm
 
-from . import FmpaperError, first_line
+from . import FmpaperError, environment, first_line
 from .config import PROFILES, make_config
 from .pages.display import STAMP_WHEN, check_params
 from .pages.results import write_tables
@@ -228,18 +228,13 @@ def thread_budget(threads: int | None):
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise FmpaperError(f"threads must be a positive integer, got {threads!r}")
-    saved = {var: os.environ.get(var) for var in THREAD_VARS}
-    saved_torch = torch.get_num_threads()
-    _worker_threads(threads)
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-        torch.set_num_threads(saved_torch)
+    saved = torch.get_num_threads()
+    with environment({var: str(threads) for var in THREAD_VARS}):
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
 
 
 def _worker_threads(threads: int) -> None:

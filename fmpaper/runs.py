@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import FmpaperError
+from . import FmpaperError, environment
 from .config import Config, make_config
 from .data import SeqData, cache_dir
 from .evaluate import PROTOCOLS, metrics_from_ranks, ndcg, ranks
@@ -484,18 +484,9 @@ def is_finished(run: Path) -> bool:
     return by is None or metrics.stat().st_mtime <= float(by)
 
 
-@contextmanager
 def finished_by(t: float):
     """Within the block (and in processes started in it) only runs finished by time t count."""
-    saved = os.environ.get(FINISHED_BY)
-    os.environ[FINISHED_BY] = repr(float(t))
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(FINISHED_BY, None)
-        else:
-            os.environ[FINISHED_BY] = saved
+    return environment({FINISHED_BY: repr(float(t))})
 
 
 def metrics_of(run: Path) -> dict:

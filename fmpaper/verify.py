@@ -35,8 +35,9 @@ from .evaluate import valid_ndcg10
 from .model import SASRec
 from .reproduce import COMBINE_COST, row_cost, run_tasks
 from .rows import get_row, in_family, rows, with_needs
-from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, dataset, dataset_name, extra_runs, is_finished,
-                   kept_checkpoints, kept_target, results_dir, run_dir, run_row, runs_root, trained_weights)
+from .runs import (checkpoint_dir, checkpoint_files, checkpoint_record, complete, dataset, dataset_name, exclusive,
+                   extra_runs, is_finished, kept_checkpoints, kept_target, results_dir, run_dir, run_row, runs_root,
+                   trained_weights)
 from .train import finish_run, hardware, partial_dir
 
 TOLERANCE = 1e-6
@@ -75,13 +76,18 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
     if recorded is not None and not abs(valid - recorded) <= TOLERANCE:
         raise FmpaperError(f"mismatch, not restored: {name} seed {seed} validation NDCG@10: recorded "
                            f"{recorded:.8f}, recomputed {valid:.8f}")
-    part = partial_dir(out)
-    shutil.rmtree(part, ignore_errors=True)
-    part.mkdir(parents=True)
-    metrics = {**record.get("metrics", {}), "restored_from": weights.name, "restored_on": hardware()}
-    if recorded is not None or not _merged(name):
-        metrics["valid_ndcg@10"] = valid
-    return finish_run(part, out, model, data, cfg, metrics, record.get("history"))
+    # the run's lock, as `fmpaper row` holds it: a training of the same run in another process
+    # owns the .partial folder, so wait for it and read its run instead of clearing the folder
+    with exclusive(out):
+        if is_finished(out):
+            return complete(out)
+        part = partial_dir(out)
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        metrics = {**record.get("metrics", {}), "restored_from": weights.name, "restored_on": hardware()}
+        if recorded is not None or not _merged(name):
+            metrics["valid_ndcg@10"] = valid
+        return finish_run(part, out, model, data, cfg, metrics, record.get("history"))
 
 
 def _merged(name: str) -> bool:

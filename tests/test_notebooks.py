@@ -8,8 +8,10 @@ first time on two cores) and every later session only reads it back. Files the n
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import nbformat
@@ -18,14 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmpaper import FmpaperError, reproduce
+from fmpaper import FmpaperError, reproduce, verify
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
-                          curve_dir, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir, run_row,
-                          training_record, user_ndcg)
+                          curve_dir, exclusive, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir,
+                          run_row, training_record, user_ndcg)
 from fmpaper.stats import AS_LONG, UNIFORM, paired_tests
+from fmpaper.train import partial_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -546,6 +549,33 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
     assert not run_dir("baseline", "ml-100k", "smoke", 0, root=tmp_path / "fresh").exists()
     none = fm_cli("restore", "--dataset", "ml-100k", "--profile", "paper", "--quiet", env=fresh)
     assert none.returncode == 2 and "nothing to restore" in none.stderr and none.stderr.count("\n") == 1
+
+
+def test_restore_waits_for_a_training_of_the_same_run(smoke_table, results_env, tmp_path):
+    """A run being trained elsewhere (its lock held, its .partial folder in use) is not cleared by
+    restore: restore waits on the lock, then reads the finished run instead of rebuilding it."""
+    folder = results_env / "ml-100k-smoke"
+    folder.mkdir(parents=True, exist_ok=True)
+    collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
+    keep_checkpoints("ml-100k", "smoke", [0])
+    root = tmp_path / "runs"
+    out = run_dir("baseline", "ml-100k", "smoke", 0, root=root)
+    part = partial_dir(out)
+    result = {}
+    with exclusive(out):                                      # "a training in another process"
+        part.mkdir(parents=True)
+        (part / "epoch.pt").write_text("in use")
+        waiter = threading.Thread(target=lambda: result.update(
+            m=verify.restore_run("baseline", "ml-100k", "smoke", 0, root)))
+        waiter.start()
+        waiter.join(timeout=2.0)
+        assert waiter.is_alive() and (part / "epoch.pt").read_text() == "in use"
+        shutil.copytree(smoke_table["baseline"], out)          # the training finishes
+        shutil.rmtree(part)
+        stamp = (out / "metrics.json").stat().st_mtime_ns
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and "restored_from" not in result["m"]
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp   # read back, not rebuilt
 
 
 def test_oracle_reference_is_the_best_member_on_test(smoke_table):
