@@ -173,8 +173,9 @@ def paired_tests(dataset: str | None, profile: str, seeds: list[int], names=None
         if ref == AS_LONG:                     # each member's control, of the member's seed
             members = list(zip(members_trained_as_long(name), (ms for _, ms in members)))
         members = [(m, run_dir(m, dataset, profile, ms)) for m, ms in members]
-        members = [(m, d) for m, d in members if is_finished(d)]
-        return max(members, key=lambda md: per_user(md[1], key).mean()) if members else (None, None)
+        if not all(is_finished(d) for _, d in members):      # the best of some members is no oracle
+            return (None, None)
+        return max(members, key=lambda md: per_user(md[1], key).mean())
     comparisons, diffs = [], []
     for name in compared:
         for ref in REFERENCES:

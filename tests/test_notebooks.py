@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmpaper import FmpaperError, reproduce, verify
+from fmpaper import FmpaperError, reproduce, stats, verify
 from fmpaper.evaluate import metrics_from_ranks
 from fmpaper.pages import anomalies, results
 from fmpaper.rows import get_row, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
                           curve_dir, exclusive, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir,
                           run_row, training_record, user_ndcg)
-from fmpaper.stats import AS_LONG, UNIFORM, paired_tests
+from fmpaper.stats import AS_LONG, ORACLE, UNIFORM, paired_tests
 from fmpaper.train import partial_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -604,6 +604,17 @@ def test_merges_trained_further_meet_members_trained_as_long(smoke_table):
     uniform = paired[paired["reference"] == UNIFORM]
     assert set(uniform["reference_rows"]) == {"ft_uniform_tuned", "ft_uniform"}
     assert set(uniform[uniform["row"] == name]["reference_rows"]) == {"ft_uniform_tuned"}
+
+
+def test_an_oracle_needs_every_member(smoke_table, monkeypatch):
+    """While one member trained as long is unfinished, the merge trained further has no
+    budget-matched reference for that seed (the best of the other two would be a weaker one)."""
+    name = "ft_fisher_exact_tuned"
+    missing = run_dir("ft_duorec_sup_tuned", "ml-100k", "smoke", 0)
+    finished = stats.is_finished
+    monkeypatch.setattr(stats, "is_finished", lambda d: Path(d) != missing and finished(d))
+    paired = paired_tests("ml-100k", "smoke", [0], names=[name], n_boot=50, family="finetuned")
+    assert AS_LONG not in set(paired["reference"]) and ORACLE in set(paired["reference"])
 
 
 def test_ordering_summary_says_when_too_few_fisher_rows_ran(monkeypatch):
