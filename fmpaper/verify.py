@@ -236,17 +236,19 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
     ensembles = expected[expected["row"].map(lambda n: n in rows() and get_row(n).kind == "ensemble")]
     if seeds is not None:
         ensembles = ensembles[ensembles["seed"].isin(seeds)]
-    done = 0
+    combine = []
     for name, seed in sorted(set(zip(ensembles["row"], ensembles["seed"].astype(int))), key=lambda t: (t[1], t[0])):
         if is_finished(run_dir(name, dataset_, profile, seed)):
             present += 1
-            continue
-        if not all(is_finished(kept_target(m, dataset_, profile, s)[0]) for m, s in get_row(name).needs(seed)):
-            continue
-        check(("combine", name, seed), run_row(name, dataset_, profile, seed, progress=False))
-        done += 1
-    return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "restored": len(todo) + done, "present": present,
-            "root": str(runs_root()), "seconds": time.perf_counter() - t0}
+        elif all(is_finished(kept_target(m, dataset_, profile, s)[0]) for m, s in get_row(name).needs(seed)):
+            combine.append(("combine", name, seed))
+    # as jobs of their own, with the threads every other job has (their record names them)
+    if combine:
+        run_tasks(partial(_task, dataset_=dataset_, profile=profile, root=str(runs_root())), combine,
+                  {t: set() for t in combine}, jobs, {t: round(100 * EVAL_COST) for t in combine},
+                  f"ensembles {dataset_name(dataset_, profile)}-{profile}", "runs", progress, on_done=check)
+    return {"set": f"{dataset_name(dataset_, profile)}-{profile}", "restored": len(todo) + len(combine),
+            "present": present, "root": str(runs_root()), "seconds": time.perf_counter() - t0}
 
 
 def restore_summary(result: dict) -> str:

@@ -506,6 +506,8 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
         a = json.loads((smoke_table[name] / "metrics.json").read_text())
         b = json.loads((run_dir(name, "ml-100k", "smoke", 0, root=root) / "metrics.json").read_text())
         assert_close_metrics(b["test"], a["test"], tol=1e-6)
+        threads = max(1, reproduce.core_budget() // 2)                 # --jobs 2: a job's share, as in reproduce
+        assert b["hardware"].endswith(f", {threads} thread{'' if threads == 1 else 's'}"), b["hardware"]
     for name in ("fisher_exact", "ft_fisher_model_10", "uniform_seeds"):
         orig, back = smoke_table[name], run_dir(name, "ml-100k", "smoke", 0, root=root)
         a, b = json.loads((orig / "metrics.json").read_text()), json.loads((back / "metrics.json").read_text())
