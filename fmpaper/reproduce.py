@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import FmpaperError, environment, first_line
 from .config import PROFILES, make_config
-from .pages.display import STAMP_WHEN, check_params
+from .pages.display import STAMP_EXECUTION, check_params
 from .pages.results import write_tables
 from .rows import get_row, in_family, with_needs
 from .runs import (check_nothing_dropped, checkpoint_dir, collect, finished_by, is_finished, keep_checkpoints,
@@ -103,18 +103,19 @@ def execute(src: Path, out: Path, parameters: dict, what: str, timeout: int | No
         raise FmpaperError(f"{what}: notebook {src.name} could not run: {type(e).__name__}: "
                            f"{first_line(e) or 'no message'}") from None
     _tidy(out, src)
-    if before is not None and same_but_timing(before, out.read_bytes()):
+    if before is not None and same_but_execution(before, out.read_bytes()):
         out.write_bytes(before)   # a cached run read back again: keep the file, not new timestamps
     return out
 
 
-def same_but_timing(a: bytes, b: bytes) -> bool:
-    """Whether two executed notebooks differ only in when they ran: papermill's start and end
-    times and durations, the kernel's per-cell execution times, the id papermill gives the cell
-    it injects and the time in the notebook's own stamp (`STAMP_WHEN`). Re-executing a notebook
-    over cached runs then leaves its file untouched."""
+def same_but_execution(a: bytes, b: bytes) -> bool:
+    """Whether two executed notebooks differ only in when and where they ran: papermill's start
+    and end times and durations, the kernel's per-cell execution times, the id papermill gives the
+    cell it injects, and the time and machine in the notebook's own stamp (`STAMP_EXECUTION`).
+    Re-executing a notebook over cached runs, on this machine or another, then leaves its file
+    untouched when every output is the same."""
     def core(raw):
-        nb = json.loads(STAMP_WHEN.sub("Notebook executed", raw.decode()))
+        nb = json.loads(STAMP_EXECUTION.sub("Notebook executed (fmpaper ", raw.decode()))
         for key in ("start_time", "end_time", "duration"):
             nb.get("metadata", {}).get("papermill", {}).pop(key, None)
         for cell in nb.get("cells", []):
@@ -335,7 +336,7 @@ def run_pages(profile: str, dataset: str | None, seeds: list[int], book_dir: Pat
         for page in pages:
             new, dst = Path(tmp) / f"{page}.ipynb", book_dir / f"{page}.ipynb"
             _tidy(new, template(page), dst)
-            if not (dst.is_file() and same_but_timing(dst.read_bytes(), new.read_bytes())):
+            if not (dst.is_file() and same_but_execution(dst.read_bytes(), new.read_bytes())):
                 shutil.copyfile(new, dst)
     return [book_dir / f"{page}.ipynb" for page in pages]
 

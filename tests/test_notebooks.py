@@ -256,7 +256,7 @@ def test_reproduce_rows_without_book(smoke_table, results_env):
     assert (folder / "notebooks" / "baseline-s0.ipynb").read_bytes() == before
 
 
-def test_same_but_timing_ignores_when_and_nothing_else():
+def test_same_but_execution_ignores_when_and_where_and_nothing_else():
     raw = (ROOT / "results" / "ml-100k-paper" / "notebooks" / "baseline-s0.ipynb").read_bytes()
     nb = json.loads(raw)
     nb["metadata"]["papermill"]["start_time"] = "2030-01-01T00:00:00+00:00"
@@ -264,15 +264,19 @@ def test_same_but_timing_ignores_when_and_nothing_else():
         cell["metadata"].get("execution", {})["iopub.status.idle"] = "2030-01-01T00:00:01Z"
         if "injected-parameters" in cell["metadata"].get("tags", []):
             cell["id"] = "00000000"
-    later = re.sub(r"Notebook executed [0-9-]+ [0-9:]+ UTC in [0-9.]+ s", "Notebook executed 2030-01-01 00:00:00 UTC in 9.9 s",
+    later = re.sub(r"Notebook executed [0-9-]+ [0-9:]+ UTC in [0-9.]+ s on .*? \(fmpaper ",     # another time and machine
+                   "Notebook executed 2030-01-01 00:00:00 UTC in 9.9 s on Other(R) CPU, 8 threads (fmpaper ",
                    json.dumps(nb, indent=1))
-    assert later != raw.decode() and reproduce.same_but_timing(raw, later.encode())
-    assert reproduce.same_but_timing(raw, raw)
+    assert "Other(R) CPU, 8 threads (fmpaper 0.1.0, torch" in later
+    assert later != raw.decode() and reproduce.same_but_execution(raw, later.encode())
+    assert reproduce.same_but_execution(raw, raw)
     changed = json.loads(later)
     out = next(o for c in changed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if "data" in o)
     out["data"]["text/plain"] = ["something else"]
-    assert not reproduce.same_but_timing(raw, json.dumps(changed).encode())
-    assert not reproduce.same_but_timing(raw, b"not a notebook")
+    assert not reproduce.same_but_execution(raw, json.dumps(changed).encode())
+    assert not reproduce.same_but_execution(raw, b"not a notebook")
+    newer = re.sub(r"\(fmpaper [0-9.]+, torch", "(fmpaper 9.9.9, torch", later)
+    assert newer != later and not reproduce.same_but_execution(raw, newer.encode())    # versions count
 
 
 def test_parallel_rows_stop_on_a_failing_row(tmp_path, results_env):

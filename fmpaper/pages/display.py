@@ -225,8 +225,9 @@ class Stamp:
         return self.text()
 
 
-# the part of `Stamp.text()` that differs between two executions of the same notebook
-STAMP_WHEN = re.compile(r"Notebook executed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC in \d+\.\d s")
+# the part of `Stamp.text()` that differs between two executions of the same notebook, on one
+# machine or two: when, how long, and on which processor and threads (the versions stay)
+STAMP_EXECUTION = re.compile(r"Notebook executed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC in \d+\.\d s on .*? \(fmpaper ")
 
 
 class Record:
