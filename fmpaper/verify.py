@@ -71,16 +71,16 @@ def restore_run(name: str, dataset_: str, profile: str, seed: int, root: str | P
         raise FmpaperError(f"checkpoint {weights.name} does not fit row {name}: {str(e).splitlines()[0]}") from None
     model.eval()
     record = record or {}
-    valid = valid_ndcg10(model, data)
     recorded = record.get("metrics", {}).get("valid_ndcg@10")
-    if recorded is not None and not abs(valid - recorded) <= TOLERANCE:
-        raise FmpaperError(f"mismatch, not restored: {name} seed {seed} validation NDCG@10: recorded "
-                           f"{recorded:.8f}, recomputed {valid:.8f}")
     # the run's lock, as `fmpaper row` holds it: a training of the same run in another process
     # owns the .partial folder, so wait for it and read its run instead of clearing the folder
     with exclusive(out):
         if is_finished(out):
             return complete(out)
+        valid = valid_ndcg10(model, data)
+        if recorded is not None and not abs(valid - recorded) <= TOLERANCE:
+            raise FmpaperError(f"mismatch, not restored: {name} seed {seed} validation NDCG@10: recorded "
+                               f"{recorded:.8f}, recomputed {valid:.8f}")
         part = partial_dir(out)
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)

@@ -557,9 +557,12 @@ def test_restore_rebuilds_the_trained_runs_a_fresh_machine_builds_on(smoke_table
     assert none.returncode == 2 and "nothing to restore" in none.stderr and none.stderr.count("\n") == 1
 
 
-def test_restore_waits_for_a_training_of_the_same_run(smoke_table, results_env, tmp_path):
+def test_restore_waits_for_a_training_of_the_same_run(smoke_table, results_env, tmp_path, monkeypatch):
     """A run being trained elsewhere (its lock held, its .partial folder in use) is not cleared by
-    restore: restore waits on the lock, then reads the finished run instead of rebuilding it."""
+    restore: restore waits on the lock, then reads the finished run instead of rebuilding it (and
+    evaluates nothing: the run it reads is the training's)."""
+    evaluated = []
+    monkeypatch.setattr(verify, "valid_ndcg10", lambda *a: evaluated.append(a) or 0.0)
     folder = results_env / "ml-100k-smoke"
     folder.mkdir(parents=True, exist_ok=True)
     collect("ml-100k", "smoke", [0]).to_csv(folder / "runs.csv", index=False)
@@ -582,6 +585,7 @@ def test_restore_waits_for_a_training_of_the_same_run(smoke_table, results_env, 
     waiter.join(timeout=120)
     assert not waiter.is_alive() and "restored_from" not in result["m"]
     assert (out / "metrics.json").stat().st_mtime_ns == stamp   # read back, not rebuilt
+    assert not evaluated
 
 
 def test_oracle_reference_is_the_best_member_on_test(smoke_table):
