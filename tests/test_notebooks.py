@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from fmpaper import FmpaperError, reproduce, stats, verify
 from fmpaper.evaluate import metrics_from_ranks
-from fmpaper.pages import anomalies, results
+from fmpaper.pages import anomalies, figures, results
 from fmpaper.rows import get_row, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
                           curve_dir, exclusive, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir,
@@ -625,6 +625,27 @@ def test_an_oracle_needs_every_member(smoke_table, monkeypatch):
     monkeypatch.setattr(stats, "is_finished", lambda d: Path(d) != missing and finished(d))
     paired = paired_tests("ml-100k", "smoke", [0], names=[name], n_boot=50, family="finetuned")
     assert AS_LONG not in set(paired["reference"]) and ORACLE in set(paired["reference"])
+
+
+def test_fisher_error_table_times_the_runs_not_a_recomputation(smoke_table, tmp_path, monkeypatch):
+    """The figures page's estimator-error table gives each Fisher's seconds as the merge run
+    recorded them (the exact Fisher's from the fisher_exact row), as its cost table does: Fisher
+    files recomputed later (after a restore, on another machine) time the recomputation."""
+    seed_dir = smoke_table["fisher_topk_10"].parent
+    root = tmp_path / "runs"
+    shutil.copytree(seed_dir, root / seed_dir.relative_to(seed_dir.parents[2]))
+    monkeypatch.setenv("FMPAPER_RUNS", str(root))
+    for meta in (root / seed_dir.relative_to(seed_dir.parents[2]) / "fisher").glob("*.json"):  # "recomputed" files
+        meta.write_text(json.dumps(dict(json.loads(meta.read_text()), seconds=9999.0)))
+    err = figures.fisher_errors("ml-100k", "smoke", 1, rows=["fisher_topk_10"])
+    recorded = {m["run"].rsplit("-", 1)[0]: m["seconds"]
+                for m in json.loads((smoke_table["fisher_topk_10"] / "metrics.json").read_text())["fisher"]}
+    exact = {m["run"].rsplit("-", 1)[0]: m["seconds"]
+             for m in json.loads((smoke_table["fisher_exact"] / "metrics.json").read_text())["fisher"]}
+    assert len(err) == 3 and set(err["model"]) == set(recorded)
+    assert dict(zip(err["model"], err["seconds"])) == recorded
+    assert dict(zip(err["model"], err["exact_seconds"])) == exact
+    assert 9999.0 not in set(err["seconds"]) | set(err["exact_seconds"])
 
 
 def test_ordering_summary_says_when_too_few_fisher_rows_ran(monkeypatch):

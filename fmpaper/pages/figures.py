@@ -37,7 +37,7 @@ def fisher_costs(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
     recs = []
     for (name, s), d in found.items():
         r = get_row(name)
-        for meta in metrics_of(d).get("fisher", []):
+        for meta in recorded_fishers(d):
             recs.append(dict(row=name, seed=s, estimator=r.estimator, k=r.fisher.items_per_sequence,
                              batchwise=r.batchwise, model=meta.get("run"), seconds=float(meta["seconds"]),
                              sequences=meta.get("sequences"), hardware=meta.get("hardware", "?")))
@@ -60,6 +60,13 @@ def summarize_costs(costs: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def recorded_fishers(run) -> list[dict]:
+    """The Fisher records (estimator, member run, seconds, hardware, ...) a finished merge run
+    wrote when it computed them: its costs as the run measured them, also after the Fisher files
+    were deleted or recomputed (a restore brings the record back, not the files)."""
+    return metrics_of(run).get("fisher", [])
+
+
 def _members(name, dataset, profile, seed):
     return [run_dir(m, dataset, profile, seed) for m in get_row(name).members]
 
@@ -71,16 +78,22 @@ def _flat(f: dict) -> torch.Tensor:
 def fisher_errors(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFrame:
     """Each sampled estimator's Fisher against the exact one, per merged model: relative error
     ||F - F*|| / ||F*|| over all parameters, the scale-free error sqrt(1 - cos^2) (the relative
-    error after the best rescaling of F) and the estimator's seconds. Fishers are read from the
-    cache the merge rows filled (the exact one is computed if no run made it yet)."""
+    error after the best rescaling of F) and the estimator's seconds as the merge runs recorded
+    them (the exact Fisher's from the fisher_exact row). Fishers are read from the cache the merge
+    rows filled (recomputed where missing: after a restore, the exact one if no run made it)."""
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     dataset = dataset or None
     names = [n for n in (fisher_merges() if rows is None else rows) if get_row(n).estimator != "exact"]
     found, _ = finished(dataset, profile, p["seeds"], names)
+    # the seconds are the merge runs' records (as the cost table): a Fisher file recomputed later
+    # (after a restore, on another machine) times that recomputation, not the run
+    exact_runs, _ = finished(dataset, profile, p["seeds"], ["fisher_exact"])
+    recorded = {m["run"]: float(m["seconds"]) for d in exact_runs.values() for m in recorded_fishers(d)}
     recs = []
     exact = {}
     for (name, s), d in sorted(found.items()):
         r = get_row(name)
+        seconds = {m["run"]: float(m["seconds"]) for m in recorded_fishers(d)}
         for member in _members(name, dataset, profile, s):
             if member not in exact:
                 exact[member] = fisher_of(member, FisherSpec("exact"), progress=False)
@@ -91,7 +104,8 @@ def fisher_errors(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataF
             recs.append(dict(row=name, seed=s, estimator=r.estimator, k=r.fisher.items_per_sequence, model=member.name.rsplit("-", 1)[0],
                              relative_error=float((a - b).norm() / b.norm()),
                              scale_free_error=math.sqrt(max(0.0, 1 - cos * cos)),
-                             seconds=float(meta["seconds"]), exact_seconds=float(mx["seconds"])))
+                             seconds=seconds.get(member.name, float(meta["seconds"])),
+                             exact_seconds=recorded.get(member.name, float(mx["seconds"]))))
     out = pd.DataFrame(recs, columns=["row", "seed", "estimator", "k", "model", "relative_error",
                                       "scale_free_error", "seconds", "exact_seconds"])
     out.attrs.update(dataset=p["dataset"], profile=profile, seeds=p["seeds"])
