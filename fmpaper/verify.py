@@ -199,8 +199,8 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
     """Rebuild every kept checkpoint of results/<dataset>-<profile> (of `seeds` and the runs their
     rows need, default all) as a finished run in the run cache, then every output ensemble of
     runs.csv whose members are there, checking each against runs.csv;
-    runs already in the cache are left as they are. A kept run runs.csv has no line for (the
-    runs the pages read besides the rows, a seed still being trained) is checked only against the
+    runs already in the cache are left as they are. A kept run without a line in runs.csv (a run
+    the pages read besides the rows, a seed still being trained) is checked only against the
     validation NDCG@10 its record holds, where it holds one ("unlisted" counts them). FmpaperError
     on a mismatch (the mismatching run is removed again). Returns {"set", "restored", "unlisted",
     "present", "root", "seconds"}."""
@@ -257,7 +257,7 @@ def restore(dataset_: str | None = "ml-100k", profile: str = "quick", jobs: int 
 
 
 def restore_summary(result: dict) -> str:
-    unlisted = (f" ({result['unlisted']} not in runs.csv yet: not compared with it)"
+    unlisted = (f" ({result['unlisted']} not in runs.csv: not compared with it)"
                 if result.get("unlisted") else "")
     return (f"restored {result['restored']} runs of {result['set']} into {result['root']} "
             f"({result['present']} already there), each matching runs.csv within {TOLERANCE:g}{unlisted}, "
