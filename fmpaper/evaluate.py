@@ -96,41 +96,73 @@ def block_negatives(candidates: torch.Tensor, n_users: int, n: int = 100) -> tor
     return candidates[idx % len(candidates)]
 
 
-def as_run_pop100(model: SASRec, data: SeqData, seed: int, split: str = "test") -> torch.Tensor:
-    """pop100 ranks as the authors' code computed them: histories, targets and negatives all
-    read from the shuffled item column."""
+@dataclasses.dataclass
+class Comparison:
+    """What one mode's rank counts: the target's score against its candidates'. The rank is the
+    number of candidates above the target; `ties_above` counts a tie as above (the paper's rule).
+    A candidate that is the target item itself compares equal on any machine, so it is marked."""
+    candidates: torch.Tensor       # (U, n) scores of the candidates
+    target: torch.Tensor           # (U, 1) score of the target
+    is_target: torch.Tensor        # (U, n) bool: the candidate is the target item
+    ties_above: bool
+
+    def rank(self) -> torch.Tensor:
+        above = self.candidates >= self.target if self.ties_above else self.candidates > self.target
+        return above.sum(1)
+
+    def rank_bounds(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The least and the greatest rank (U,) each user's target can take when every score may
+        move by `eps`: candidates further than `eps` above count surely, those within `eps` maybe.
+        Another processor's rounding moves scores by about a millionth (see TIE_EPS)."""
+        gap = self.candidates - self.target
+        tie = torch.tensor(self.ties_above)
+        return (torch.where(self.is_target, tie, gap > eps).sum(1),
+                torch.where(self.is_target, tie, gap >= -eps).sum(1))
+
+
+def _sampled(s: torch.Tensor, target: torch.Tensor, neg: torch.Tensor, ties_above: bool) -> Comparison:
+    """The target (U,) against 100 sampled negatives (U, 100), item ids, scored by s (U, n_items)."""
+    return Comparison(s.gather(1, neg - 1), s.gather(1, (target - 1)[:, None]), neg == target[:, None], ties_above)
+
+
+def as_run_pop100(model: SASRec, data: SeqData, seed: int, split: str = "test") -> Comparison:
+    """pop100 as the authors' code computed it: histories, targets and negatives all read from
+    the shuffled item column."""
     shuffled = shuffled_items(data, seed)
     s, target = scores(model, shuffled, split)
-    pos = s.gather(1, (target - 1)[:, None])
-    neg = block_negatives(shuffled.items, data.n_users)                  # the shuffled list itself
-    return (s.gather(1, neg - 1) >= pos).sum(1)
+    return _sampled(s, target, block_negatives(shuffled.items, data.n_users), ties_above=True)  # the list itself
 
 
-def ranks(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
-          mask_history: bool = False, split: str = "test") -> dict[str, torch.Tensor]:
-    """0-based rank of each user's target in each mode: {"full": (U,), "uni100": (U,), "pop100": (U,)}."""
+def comparisons(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
+                mask_history: bool = False, split: str = "test") -> dict[str, Comparison]:
+    """What each mode's rank compares: {"full", "uni100", "pop100"}: Comparison."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
     s, target = scores(model, data, split)
     col = (target - 1)[:, None]                                           # column of the target
-    pos = s.gather(1, col)                                               # (U, 1)
     full_scores = s
     if mask_history:
         hist = user_item_mask(data, upto=data.eval_targets(split))[:, 1:]
         hist.scatter_(1, col, False)
         full_scores = s.masked_fill(hist, float("-inf"))
-    out = {"full": (full_scores > pos).sum(1)}
+    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(1, col, True)
+    out = {"full": Comparison(full_scores, s.gather(1, col), is_target, ties_above=False)}
     if protocol == "as-run":
         gen = torch.Generator().manual_seed(seed)
         items = torch.randperm(data.n_items, generator=gen) + 1          # the shuffled list of all items
-        out["uni100"] = (s.gather(1, block_negatives(items, data.n_users) - 1) >= pos).sum(1)
+        out["uni100"] = _sampled(s, target, block_negatives(items, data.n_users), ties_above=True)
         out["pop100"] = as_run_pop100(model, data, seed + 1, split)
         return out
     for mode, key in (("uni", "uni100"), ("pop", "pop100")):
         neg = sample_negatives(data, mode, protocol, seed=seed + (0 if mode == "uni" else 1))
-        ns = s.gather(1, neg - 1)                                          # (U, 100)
-        out[key] = (ns >= pos).sum(1) if protocol == "paper" else (ns > pos).sum(1)
+        out[key] = _sampled(s, target, neg, ties_above=protocol == "paper")
     return out
+
+
+def ranks(model: SASRec, data: SeqData, protocol: str = "paper", seed: int = 0,
+          mask_history: bool = False, split: str = "test") -> dict[str, torch.Tensor]:
+    """0-based rank of each user's target in each mode: {"full": (U,), "uni100": (U,), "pop100": (U,)}."""
+    return {mode: c.rank() for mode, c in comparisons(model, data, protocol, seed, mask_history, split).items()}
 
 
 def metrics_from_ranks(r: torch.Tensor, ks=(10, 20)) -> dict[str, float]:
@@ -164,8 +196,13 @@ def test_report(model: SASRec, data: SeqData, seed: int = 0) -> tuple[dict, dict
     return metrics, all_ranks
 
 
+def valid_comparison(model: SASRec, data: SeqData) -> Comparison:
+    """The early-stopping ranking: each user's validation target among all items (history not masked)."""
+    s, target = scores(model, data, "valid")
+    col = (target - 1)[:, None]
+    return Comparison(s, s.gather(1, col), torch.zeros_like(s, dtype=torch.bool).scatter_(1, col, True), False)
+
+
 def valid_ndcg10(model: SASRec, data: SeqData) -> float:
     """Early-stopping criterion: validation NDCG@10 over all items (history not masked)."""
-    s, target = scores(model, data, "valid")
-    r = (s > s.gather(1, (target - 1)[:, None])).sum(1)
-    return float(ndcg(r, 10).mean())
+    return float(ndcg(valid_comparison(model, data).rank(), 10).mean())

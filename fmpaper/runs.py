@@ -316,12 +316,7 @@ def complete(run: Path) -> dict:
     missing = [p for p in PROTOCOLS if p not in m["test"]]
     if not missing:
         return m
-    if (run / "model.safetensors").is_file():
-        loaded = load(run)
-        model, data, seed = loaded.model, loaded.data, loaded.cfg.seed
-    else:
-        members = [load(run.parent / name) for name in m["members"]]      # see member_names
-        model, data, seed = Ensemble([r.model for r in members]).eval(), members[0].data, members[0].cfg.seed
+    model, data, seed = scorer(run, m)
     all_ranks = ranks_of(run)
     for p in missing:
         r = ranks(model, data, p, seed)
@@ -330,6 +325,17 @@ def complete(run: Path) -> dict:
     _replace(run / "ranks.safetensors", lambda tmp: save_file(all_ranks, str(tmp)))
     _replace(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(m, indent=2, sort_keys=True)))
     return m
+
+
+def scorer(run: Path, metrics: dict | None = None) -> tuple:
+    """What scores a finished run's users, its data and evaluation seed: (model, data, seed). The
+    run's checkpoint, or for an output ensemble (no checkpoint) its members'."""
+    run = Path(run)
+    if (run / "model.safetensors").is_file():
+        loaded = load(run)
+        return loaded.model, loaded.data, loaded.cfg.seed
+    members = [load(run.parent / name) for name in (metrics or metrics_of(run))["members"]]   # see member_names
+    return Ensemble([r.model for r in members]).eval(), members[0].data, members[0].cfg.seed
 
 
 def _replace(path: Path, write) -> None:

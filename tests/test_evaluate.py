@@ -1,9 +1,13 @@
 import math
 
+import pandas as pd
 import pytest
 import torch
 
-from fmpaper.evaluate import metrics_from_ranks, ranks, sample_negatives, user_item_mask
+from fmpaper import verify
+from fmpaper.evaluate import (MODES, PROTOCOLS, comparisons, evaluate, metrics_from_ranks, ranks, sample_negatives,
+                              user_item_mask, valid_ndcg10)
+from fmpaper.model import SASRec
 
 
 def test_metrics_by_hand():
@@ -72,3 +76,90 @@ def test_paper_ties_count_against_the_target(smoke_data):
     r_paper = ranks(Flat(smoke_data.n_items), smoke_data, "paper")
     r_fixed = ranks(Flat(smoke_data.n_items), smoke_data, "corrected")
     assert (r_paper["uni100"] == 100).all() and (r_fixed["uni100"] == 0).all()
+
+
+class Jittered(torch.nn.Module):
+    """A model's scores, each moved by at most `jitter` (as another processor's rounding would)."""
+
+    def __init__(self, model, jitter, seed):
+        super().__init__()
+        self.model, self.jitter = model, jitter
+        self.gen = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, seq, lengths):
+        return self.model.encode(seq, lengths)
+
+    def logits(self, h):
+        s = self.model.logits(h)
+        return s + (torch.rand(s.shape, generator=self.gen) * 2 - 1) * self.jitter
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_rank_bounds_hold_every_rank_the_jittered_scores_give(smoke_data, smoke_cfg, protocol):
+    """Scores each moved by at most eps/2 move every gap by at most eps: each rank they give lies
+    within rank_bounds(eps), and the exact rank too."""
+    model = SASRec(smoke_data.n_items, smoke_cfg).eval()
+    eps = 2e-3
+    exact = comparisons(model, smoke_data, protocol, seed=1)
+    assert any((c.rank_bounds(eps)[1] > c.rank_bounds(eps)[0]).any() for c in exact.values())   # near ties exist
+    for c in exact.values():
+        lo, hi = c.rank_bounds(0.0)
+        assert torch.equal(lo, c.rank()) or torch.equal(hi, c.rank())     # eps 0: the tie rule's side
+    for trial in range(3):
+        jittered = ranks(Jittered(model, eps / 2, trial).eval(), smoke_data, protocol, seed=1)
+        for mode, c in exact.items():
+            lo, hi = c.rank_bounds(eps)
+            assert ((lo <= jittered[mode]) & (jittered[mode] <= hi)).all(), mode
+            assert ((lo <= c.rank()) & (c.rank() <= hi)).all(), mode
+
+
+def test_a_target_drawn_as_its_own_negative_is_no_near_tie(smoke_data):
+    """Under the paper's rule the target drawn among its negatives ties itself on every machine:
+    it counts above in both bounds, never as a maybe."""
+    class Flat(FixedScores):
+        def logits(self, h):
+            return torch.zeros(len(h), self.n_items) + 0 * h
+    c = comparisons(Flat(smoke_data.n_items), smoke_data, "paper")["uni100"]
+    own = c.is_target.sum(1)
+    assert own.any()
+    lo, hi = c.rank_bounds(1e-5)
+    assert torch.equal(lo, own) and (hi == 100).all() and (c.rank() == 100).all()
+
+
+def test_verify_accepts_a_difference_only_where_scores_are_near_tied(smoke_data, tmp_path, monkeypatch):
+    """compare(): a runs.csv value that differs from the recomputed one is accepted only when it
+    is what the ranks give with near-tied scores (within TIE_EPS) counted the other way."""
+    targets = smoke_data.items[smoke_data.eval_targets("test")]
+    user = int(targets.argmin())
+    target = int(targets[user])                   # ranked target - 1 (item i scores -i): in the top 20
+    assert target <= 20
+    other = target + 1
+
+    class NearTie(FixedScores):
+        """item i scores -i, but `other` scores 3e-6 below `target` (`user`'s test target)."""
+        def logits(self, h):
+            s = super().logits(h).clone()
+            s[:, other - 1] = -target - 3e-6
+            return s
+    model = NearTie(smoke_data.n_items)
+    metrics = {"test": {p: evaluate(model, smoke_data, p) for p in PROTOCOLS},
+               "valid_ndcg@10": valid_ndcg10(model, smoke_data)}
+    lines = pd.DataFrame([dict(row="baseline", seed=0, protocol=p, mode=m, metric=k, value=v,
+                               valid_ndcg10=metrics["valid_ndcg@10"])
+                          for p in PROTOCOLS for m in MODES for k, v in metrics["test"][p][m].items()])
+    monkeypatch.setattr(verify, "scorer", lambda run, metrics=None: (model, smoke_data, 0))
+    assert verify.compare(lines, "baseline", 0, metrics, tmp_path) == ([], 0)
+    # the target one place lower for every user of it, as a processor rounding the other way ranks it
+    full = comparisons(model, smoke_data, "paper")["full"]
+    swapped = full.rank() + (targets == target)
+    assert torch.equal(full.rank_bounds(verify.TIE_EPS)[1], swapped)
+    at = (lines["protocol"] == "paper") & (lines["mode"] == "full") & (lines["metric"] == "ndcg@20")
+    value = metrics_from_ranks(swapped)["ndcg@20"]
+    assert abs(value - lines.loc[at, "value"].item()) > verify.TOLERANCE
+    lines.loc[at, "value"] = value
+    assert verify.compare(lines, "baseline", 0, metrics, tmp_path) == ([], 1)
+    # a difference no near tie explains
+    lines.loc[at, "value"] = value - 1e-3
+    bad, tied = verify.compare(lines, "baseline", 0, metrics, tmp_path)
+    assert tied == 0 and len(bad) == 1 and bad[0].startswith("baseline seed 0 paper full ndcg@20: runs.csv")
