@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import pandas as pd
@@ -137,17 +137,13 @@ def compare(expected: pd.DataFrame, name: str, seed: int, metrics: dict, run: Pa
     re-ranked from the run's scores and accepted if near-tied (TIE_EPS)."""
     bad, tied = [], 0
     lines = expected[(expected["row"] == name) & (expected["seed"] == seed)]
-    loaded, ranked = {}, {}
+    scoring = cache(lambda: scorer(run, metrics))           # loaded only if some value differs
 
-    def ranking(protocol, mode):
-        if not loaded:
-            loaded["scorer"] = scorer(run, metrics)
-        model, data, eval_seed = loaded["scorer"]
-        if protocol == "valid":
-            return valid_comparison(model, data)
-        if protocol not in ranked:
-            ranked[protocol] = comparisons(model, data, protocol, eval_seed)
-        return ranked[protocol][mode]
+    @cache
+    def ranking(protocol):
+        model, data, eval_seed = scoring()
+        return ({"full": valid_comparison(model, data)} if protocol == "valid"
+                else comparisons(model, data, protocol, eval_seed))
     checks = [(f"{r['protocol']} {r['mode']} {r['metric']}", r["value"],
                metrics["test"][r["protocol"]][r["mode"]][r["metric"]], r["metric"], (r["protocol"], r["mode"]))
               for _, r in lines.iterrows()]
@@ -157,7 +153,7 @@ def compare(expected: pd.DataFrame, name: str, seed: int, metrics: dict, run: Pa
     for what, want, got, metric, key in checks:
         if abs(got - want) <= TOLERANCE:
             continue
-        if near_tied(want, ranking(*key), metric):
+        if near_tied(want, ranking(key[0])[key[1]], metric):
             tied += 1
         else:
             bad.append(f"{name} seed {seed} {what}: runs.csv {want:.8f}, recomputed {got:.8f}")
