@@ -120,6 +120,14 @@ class Comparison:
                 torch.where(self.is_target, tie, gap >= -eps).sum(1))
 
 
+def _all_items(s: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None = None) -> Comparison:
+    """The target (U,) against every item, scored by s (U, n_items); `candidates` replaces s as
+    the candidates' scores (the history masked). Ties do not count: the target never ranks itself."""
+    col = (target - 1)[:, None]
+    return Comparison(s if candidates is None else candidates, s.gather(1, col),
+                      torch.zeros_like(s, dtype=torch.bool).scatter_(1, col, True), ties_above=False)
+
+
 def _sampled(s: torch.Tensor, target: torch.Tensor, neg: torch.Tensor, ties_above: bool) -> Comparison:
     """The target (U,) against 100 sampled negatives (U, 100), item ids, scored by s (U, n_items)."""
     return Comparison(s.gather(1, neg - 1), s.gather(1, (target - 1)[:, None]), neg == target[:, None], ties_above)
@@ -145,8 +153,7 @@ def comparisons(model: SASRec, data: SeqData, protocol: str = "paper", seed: int
         hist = user_item_mask(data, upto=data.eval_targets(split))[:, 1:]
         hist.scatter_(1, col, False)
         full_scores = s.masked_fill(hist, float("-inf"))
-    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(1, col, True)
-    out = {"full": Comparison(full_scores, s.gather(1, col), is_target, ties_above=False)}
+    out = {"full": _all_items(s, target, full_scores)}
     if protocol == "as-run":
         gen = torch.Generator().manual_seed(seed)
         items = torch.randperm(data.n_items, generator=gen) + 1          # the shuffled list of all items
@@ -198,9 +205,7 @@ def test_report(model: SASRec, data: SeqData, seed: int = 0) -> tuple[dict, dict
 
 def valid_comparison(model: SASRec, data: SeqData) -> Comparison:
     """The early-stopping ranking: each user's validation target among all items (history not masked)."""
-    s, target = scores(model, data, "valid")
-    col = (target - 1)[:, None]
-    return Comparison(s, s.gather(1, col), torch.zeros_like(s, dtype=torch.bool).scatter_(1, col, True), False)
+    return _all_items(*scores(model, data, "valid"))
 
 
 def valid_ndcg10(model: SASRec, data: SeqData) -> float:
