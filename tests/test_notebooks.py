@@ -15,15 +15,16 @@ import threading
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fmpaper import FmpaperError, reproduce, stats, verify
-from fmpaper.evaluate import metrics_from_ranks
+from fmpaper.evaluate import PROTOCOLS, metrics_from_ranks
 from fmpaper.pages import anomalies, figures, results
-from fmpaper.rows import get_row, rows
+from fmpaper.rows import get_row, labels, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
                           curve_dir, exclusive, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir,
                           run_row, training_record, user_ndcg)
@@ -413,6 +414,23 @@ def test_same_dataset_tables_keep_the_published_value_beside_each_protocol():
     df.attrs["dataset"] = "ml-100k"
     random = next(t for t in results.show_tables(df).items if t.caption.startswith("RANDOM")).table
     assert ("NDCG@10", "published (ML-1M)") in random.columns and ("NDCG@10", "Δ") not in random.columns
+
+
+
+def test_a_row_finished_for_some_seeds_only_names_them_in_the_tables():
+    """While a set's seeds are still training, a row's cells average the seeds it has: its label
+    says which, so a one-seed mean is not read as a mean over the set."""
+    recs = [dict(row=row, seed=s, protocol=p, mode="uni100", metric="ndcg@10", value=0.1 * (s + 1), hardware="cpu",
+                 train_seconds=1.0, fisher_seconds=0.0, merge_seconds=0.0)
+            for row, seeds in (("baseline", (0, 1)), ("uniform", (0,))) for s in seeds for p in PROTOCOLS]
+    df = pd.DataFrame(recs)
+    df.attrs.update(dataset="ml-1m", seeds=[0, 1])
+    random = next(t for t in results.show_tables(df).items if t.caption.startswith("RANDOM")).table
+    short = {n: n.split(" (seed")[0] for n in random.index}
+    both, one = (next(n for n in random.index if short[n] == label) for label in labels(["baseline", "uniform"]))
+    assert both == short[both] and one == f"{short[one]} (seed 0)"
+    assert random.loc[both, ("NDCG@10", "paper")] == f"{0.15:.4f}±{np.std([0.1, 0.2], ddof=1):.4f}"
+    assert random.loc[one, ("NDCG@10", "paper")] == "0.1000"
 
 
 # ----------------------------------------------------------------------------- verify

@@ -78,8 +78,8 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
         src = (f"published: the paper's table (ML-1M), for reference only: ours is {df.attrs.get('dataset')}, "
                f"so no difference is taken")
     note = (f"{src}; ours: mean±sd over {len(seeds)} seed(s) under each protocol (as-run: what the authors' "
-            f"code computed; paper: their protocol without its side effect; corrected); † marks reference "
-            f"rows the paper does not have.")
+            f"code computed; paper: their protocol without its side effect; corrected); a row not finished for "
+            f"every seed yet names the seeds it averages; † marks reference rows the paper does not have.")
     out = []
     for mode in ("FULL", "RANDOM", "POPULAR"):
         cols = {}
@@ -90,10 +90,20 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
                 cols[(metric, "ours" if mode == "FULL" else p)] = ours(tables[p], q)
             if same:
                 cols[(metric, "Δ")] = [num(v, True) for v in tables[PAPER_PROTOCOL][(q, "diff")]]
-        t = pd.DataFrame(cols, index=pd.Index(labels(first.index), name="row"))
+        names = [a + b for a, b in zip(labels(first.index), seed_marks(df, first.index))]
+        t = pd.DataFrame(cols, index=pd.Index(names, name="row"))
         t.columns = pd.MultiIndex.from_tuples(t.columns)
         out.append(Captioned(t, f"{mode} · {provenance(df).short}", note))
     return Tables(out)
+
+
+def seed_marks(df: pd.DataFrame, names) -> list[str]:
+    """Per row of `names`: " (seed 0)" and the like where the row is finished for only some of
+    the set's seeds so far (its cells average those), "" where it has every seed or none."""
+    seeds = df.attrs.get("seeds", [])
+    have = df.groupby("row")["seed"].unique()
+    return [f" (seed{'s' if len(have[n]) > 1 else ''} {seeds_text(sorted(int(s) for s in have[n]))})"
+            if n in have.index and len(have[n]) < len(seeds) else "" for n in names]
 
 
 def column_name(protocol: str, mode: str) -> str:
