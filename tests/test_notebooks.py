@@ -416,7 +416,6 @@ def test_same_dataset_tables_keep_the_published_value_beside_each_protocol():
     assert ("NDCG@10", "published (ML-1M)") in random.columns and ("NDCG@10", "Δ") not in random.columns
 
 
-
 def test_a_row_finished_for_some_seeds_only_names_them_in_the_tables():
     """While a set's seeds are still training, a row's cells average the seeds it has: its label
     says which, so a one-seed mean is not read as a mean over the set."""

@@ -80,6 +80,7 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
     note = (f"{src}; ours: mean±sd over {len(seeds)} seed(s) under each protocol (as-run: what the authors' "
             f"code computed; paper: their protocol without its side effect; corrected); a row not finished for "
             f"every seed yet names the seeds it averages; † marks reference rows the paper does not have.")
+    names = [a + b for a, b in zip(labels(first.index), seed_marks(df, first.index))]   # the same in every mode
     out = []
     for mode in ("FULL", "RANDOM", "POPULAR"):
         cols = {}
@@ -90,7 +91,6 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
                 cols[(metric, "ours" if mode == "FULL" else p)] = ours(tables[p], q)
             if same:
                 cols[(metric, "Δ")] = [num(v, True) for v in tables[PAPER_PROTOCOL][(q, "diff")]]
-        names = [a + b for a, b in zip(labels(first.index), seed_marks(df, first.index))]
         t = pd.DataFrame(cols, index=pd.Index(names, name="row"))
         t.columns = pd.MultiIndex.from_tuples(t.columns)
         out.append(Captioned(t, f"{mode} · {provenance(df).short}", note))
