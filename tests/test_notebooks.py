@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from fmpaper import FmpaperError, reproduce, stats, verify
 from fmpaper.evaluate import PROTOCOLS, metrics_from_ranks
-from fmpaper.pages import anomalies, figures, results
+from fmpaper.pages import anomalies, figures, protocols, results
 from fmpaper.rows import get_row, labels, rows
 from fmpaper.runs import (CURVE_NAME, RANDOM_BATCHES, checkpoint_dir, checkpoint_files, checkpoint_record, collect,
                           curve_dir, exclusive, extra_runs, keep_checkpoints, load_paper_table, run_curve, run_dir,
@@ -430,6 +430,19 @@ def test_a_row_finished_for_some_seeds_only_names_them_in_the_tables():
     assert both == short[both] and one == f"{short[one]} (seed 0)"
     assert random.loc[both, ("NDCG@10", "paper")] == f"{0.15:.4f}±{np.std([0.1, 0.2], ddof=1):.4f}"
     assert random.loc[one, ("NDCG@10", "paper")] == "0.1000"
+
+
+def test_the_protocols_table_names_the_seeds_of_a_row_that_has_only_some(smoke_table):
+    """The smoke set's seed 1 holds one run (a member of the three-seed merges): over seeds 0 and 1
+    that row has both and goes unmarked, every other row names seed 0, and so does the paragraph."""
+    t = protocols.rank_diagnostics("ml-100k", "smoke", [0, 1])
+    both = labels(["duorec_sup"])[0]
+    assert both in t.index
+    others = [n for n in t.index if n != both]
+    assert len(others) > 20 and all(n.endswith(" (seed 0)") for n in others)
+    text = protocols.popular_vs_full("ml-100k", "smoke", [0, 1]).text
+    assert f"; {len(others)} of the {len(t)} rows so far for only the seeds the table names" in text
+    assert "rows so far" not in protocols.popular_vs_full("ml-100k", "smoke", [0]).text
 
 
 # ----------------------------------------------------------------------------- verify

@@ -200,9 +200,9 @@ def ordering_summary(dataset=None, profile="quick", seeds=1) -> Text:
     return Text(text + "FULL NDCG@10 against k: " + "; ".join(grow) + ".")
 
 
-def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:
+def cl4srec_ratios(dataset=None, profile="quick", seeds=1, protocol="paper") -> pd.DataFrame:
     """CL4SRec trained with CE + InfoNCE (our table row) and with InfoNCE alone (the authors'
-    later commit), each relative to SASRec, next to the paper's CL4SRec/SASRec ratio."""
+    later commit), each relative to SASRec, next to the paper's CL4SRec/SASRec ratio; unrounded."""
     paper = load_paper_table()
     df = runs_table(dataset, profile, seeds, names=["baseline", "cl4srec", "cl4srec_infonce"])
     recs = {}
@@ -218,6 +218,12 @@ def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> C
         recs["cl4srec"][(col, "paper / SASRec")] = paper.loc["cl4srec", pcol] / paper.loc["baseline", pcol]
     t = pd.DataFrame(recs).T
     t.index = ["SASRec (CE)", "CL4SRec (CE + 0.1 InfoNCE)", "CL4SRec (InfoNCE only)"]
+    return t
+
+
+def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> Captioned:
+    """`cl4srec_ratios` as a table, to four decimals."""
+    t = cl4srec_ratios(dataset, profile, seeds, protocol)
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     note = (f"ours: {p['dataset']}, profile {profile}, {protocol} protocol, mean and sd over seeds "
             f"{seeds_text(p['seeds'])}; the paper's ratios are from its ML-1M table.")
@@ -227,7 +233,7 @@ def cl4srec_check(dataset=None, profile="quick", seeds=1, protocol="paper") -> C
 def cl4srec_summary(dataset=None, profile="quick", seeds=1, protocol="paper") -> Text:
     """The CL4SRec table above in one paragraph: each variant's FULL NDCG@10 against SASRec,
     against chance over all items, and which lies closer to the paper's ratio."""
-    t = cl4srec_check(dataset, profile, seeds, protocol).table
+    t = cl4srec_ratios(dataset, profile, seeds, protocol)   # unrounded: the ratios below are of the values
     col = ("FULL NDCG@10", "ours / SASRec")
     ce, nce = t[col].iloc[1], t[col].iloc[2]
     paper = load_paper_table()

@@ -116,6 +116,16 @@ def seeds_text(seeds) -> str:
     return ", ".join(map(str, seeds))
 
 
+def seed_marks(df: pd.DataFrame, names) -> list[str]:
+    """Per row of `names` in a long frame with "row" and "seed" columns (its attrs name the set's
+    seeds): " (seed 0)" and the like where the row is finished for only some of the set's seeds
+    so far (its numbers average those), "" where it has every seed or none."""
+    seeds = df.attrs.get("seeds", [])
+    have = df.groupby("row")["seed"].unique()
+    return [f" (seed{'s' if len(have[n]) > 1 else ''} {seeds_text(sorted(int(s) for s in have[n]))})"
+            if n in have.index and len(have[n]) < len(seeds) else "" for n in names]
+
+
 class Captioned:
     """A table with a caption line, shown as HTML in notebooks and the book."""
 
@@ -272,11 +282,11 @@ class Page:
     """What a book notebook needs first: its checked parameters, the finished runs (`runs`), their
     provenance, a clock, and the folder its figures are saved to."""
 
-    def __init__(self, dataset=None, profile="quick", seeds=1):
+    def __init__(self, dataset=None, profile="quick", seeds=1, family: str | None = "scratch"):
         self.clock = Clock()
         p = check_params(dataset=dataset, profile=profile, seeds=seeds)
         self.dataset, self.profile, self.seeds = dataset or None, profile, p["seeds"]
-        self.runs = runs_table(self.dataset, profile, self.seeds)
+        self.runs = runs_table(self.dataset, profile, self.seeds, family=family)   # family None: every row
         self.provenance = provenance(self.runs)
         self.folder = results_dir(self.dataset, profile) / "figures"
 

@@ -10,7 +10,7 @@ import torch
 from ..evaluate import PROTOCOLS, ndcg, sample_negatives, user_item_mask
 from ..rows import labels, row_order
 from ..runs import finished, profile_data, ranks_of
-from .display import MODE_NAMES, Text, check_params, seeds_text
+from .display import MODE_NAMES, Text, check_params, seed_marks, seeds_text
 
 
 def sampler_diagnostics(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
@@ -46,7 +46,7 @@ def sampler_diagnostics(dataset=None, profile="quick", seeds=1) -> pd.DataFrame:
 def rank_stats(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFrame:
     """Numeric, per row and protocol (means over seeds): share of users ranked worse among the
     101 POPULAR candidates than among all items (impossible for a sound sampled protocol), and
-    mean NDCG@10 in FULL and POPULAR."""
+    mean NDCG@10 in FULL and POPULAR; seed_mark names the seeds of a row that has only some."""
     p = check_params(dataset=dataset, profile=profile, seeds=seeds)
     found, _ = finished(dataset or None, profile, p["seeds"], rows)
     recs = []
@@ -57,8 +57,10 @@ def rank_stats(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFram
             recs.append(dict(row=name, seed=s, protocol=protocol,
                              pop_worse=float((pop > full).double().mean()),
                              full_ndcg10=float(ndcg(full, 10).mean()), pop_ndcg10=float(ndcg(pop, 10).mean())))
-    out = pd.DataFrame(recs, columns=["row", "seed", "protocol", "pop_worse", "full_ndcg10", "pop_ndcg10"])
-    out = out.groupby(["row", "protocol"], as_index=False)[["pop_worse", "full_ndcg10", "pop_ndcg10"]].mean()
+    per_seed = pd.DataFrame(recs, columns=["row", "seed", "protocol", "pop_worse", "full_ndcg10", "pop_ndcg10"])
+    per_seed.attrs.update(seeds=p["seeds"])
+    out = per_seed.groupby(["row", "protocol"], as_index=False)[["pop_worse", "full_ndcg10", "pop_ndcg10"]].mean()
+    out["seed_mark"] = seed_marks(per_seed, out["row"])            # rows with only some of the seeds
     out.attrs.update(dataset=p["dataset"], profile=profile, seeds=p["seeds"])
     return out
 
@@ -66,14 +68,15 @@ def rank_stats(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFram
 def rank_diagnostics(dataset=None, profile="quick", seeds=1, rows=None) -> pd.DataFrame:
     """`rank_stats` for display: rows x (protocol, quantity)."""
     st = rank_stats(dataset, profile, seeds, rows)
-    out = {}
+    out, marks = {}, dict(zip(st["row"], st["seed_mark"]))
     for _, r in st.iterrows():
         row = out.setdefault(r["row"], {})
         row[(r["protocol"], "users with POPULAR rank > FULL rank")] = f"{r['pop_worse']:.1%}"
         row[(r["protocol"], "FULL NDCG@10")] = round(r["full_ndcg10"], 4)
         row[(r["protocol"], "POPULAR NDCG@10")] = round(r["pop_ndcg10"], 4)
     order = row_order(out)
-    t = pd.DataFrame([out[n] for n in order], index=pd.Index(labels(order), name="row"))
+    names = [a + marks[n] for a, n in zip(labels(order), order)]
+    t = pd.DataFrame([out[n] for n in order], index=pd.Index(names, name="row"))
     if len(t.columns):
         cols = [c for protocol in PROTOCOLS for c in t.columns if c[0] == protocol]
         t = t[cols]
@@ -95,4 +98,7 @@ def popular_vs_full(dataset=None, profile="quick", seeds=1) -> Text:
                      f"of {len(sub)} rows, and on average {sub['pop_worse'].mean():.1%} of the users rank "
                      f"worse among the 101 POPULAR candidates than among all items")
     prov = f"{st.attrs['dataset']}, profile {st.attrs['profile']}, seeds {seeds_text(st.attrs['seeds'])}"
+    partial = st.drop_duplicates("row")["seed_mark"].astype(bool).sum()
+    if partial:
+        prov += f"; {partial} of the {st['row'].nunique()} rows so far for only the seeds the table names"
     return Text(f"In these runs ({prov}): " + "; ".join(parts) + ".")

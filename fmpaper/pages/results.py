@@ -20,7 +20,7 @@ from ..runs import (BATCH_CHECK, PAPER_COLUMNS, PAPER_DATASET, check_nothing_dro
 from ..stats import (AS_LONG, ONE_SEED, ORACLE, REFERENCES, SELECTED, UNIFORM, mean_over_seeds, paired_tests,
                      single_model_ranks)
 from .display import (MODE_NAMES, Captioned, Provenance, Tables, Text, check_params, mean_sd, provenance,
-                      published_label, seeds_text, to_markdown)
+                      published_label, seed_marks, seeds_text, to_markdown)
 from .figures import fisher_costs
 
 
@@ -95,15 +95,6 @@ def show_tables(df: pd.DataFrame, digits: int = 4) -> Tables:
         t.columns = pd.MultiIndex.from_tuples(t.columns)
         out.append(Captioned(t, f"{mode} · {provenance(df).short}", note))
     return Tables(out)
-
-
-def seed_marks(df: pd.DataFrame, names) -> list[str]:
-    """Per row of `names`: " (seed 0)" and the like where the row is finished for only some of
-    the set's seeds so far (its cells average those), "" where it has every seed or none."""
-    seeds = df.attrs.get("seeds", [])
-    have = df.groupby("row")["seed"].unique()
-    return [f" (seed{'s' if len(have[n]) > 1 else ''} {seeds_text(sorted(int(s) for s in have[n]))})"
-            if n in have.index and len(have[n]) < len(seeds) else "" for n in names]
 
 
 def column_name(protocol: str, mode: str) -> str:
