@@ -3,6 +3,7 @@ import torch
 
 from fmpaper.config import make_config
 from fmpaper.data import load
+from fmpaper.train import train
 
 
 def write_inter(path, rows, header="user_id:token\titem_id:token\trating:float\ttimestamp:float"):
@@ -10,6 +11,15 @@ def write_inter(path, rows, header="user_id:token\titem_id:token\trating:float\t
     lines = [header] + [f"{u}\t{i}\t1\t{t}" for u, i, t in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def train_killed_after_first_epoch(cfg, out, data):
+    """Train `cfg` into `out` and stop it as a kill would, right after epoch 1 is saved."""
+    def die(state):
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt                                      # as if killed here
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=False, data=data, on_epoch=die)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from fmpaper.runs import finetune_config, kept_target, run_dir, start_weights, t
 from fmpaper.stats import chance_ndcg
 from fmpaper.train import load_run, train
 
-from conftest import write_inter
+from conftest import train_killed_after_first_epoch, write_inter
 
 
 # ----------------------------------------------------------------------------- as-run
@@ -164,11 +164,7 @@ def test_inplace_epoch_masks_stored_inputs_at_the_expected_rate(tmp_path, smoke_
 def test_inplace_run_resumes_exactly(tmp_path, smoke_data):
     cfg = make_config("smoke", variant="cl4srec", cl4srec_inplace=True, epochs=2, patience=2)
     train(cfg, tmp_path / "straight", progress=False, data=smoke_data)
-    def die(state):
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt                                      # as if killed here
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data, on_epoch=die)
+    train_killed_after_first_epoch(cfg, tmp_path / "resumed", smoke_data)
     assert (tmp_path / "resumed.partial" / "objective-1.safetensors").is_file()
     train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))

@@ -10,6 +10,8 @@ from fmpaper import FmpaperError
 from fmpaper.config import VARIANTS, make_config
 from fmpaper.train import load_run, train
 
+from conftest import train_killed_after_first_epoch
+
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory, smoke_data):
@@ -67,12 +69,7 @@ def test_refuses_to_overwrite(smoke_runs, smoke_data):
 def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_data):
     cfg = make_config("smoke", epochs=2, patience=2, variant="duorec_supunsup")
     train(cfg, tmp_path / "straight", progress=False, data=smoke_data)
-
-    def die_after_first_epoch(state):
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt                                      # as if killed here
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False, data=smoke_data, on_epoch=die_after_first_epoch)
+    train_killed_after_first_epoch(cfg, tmp_path / "resumed", smoke_data)
     assert (tmp_path / "resumed.partial" / "state.json").exists() and not (tmp_path / "resumed").exists()
     train(cfg, tmp_path / "resumed", progress=False, data=smoke_data)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
