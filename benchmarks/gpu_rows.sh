@@ -1,10 +1,10 @@
 #!/bin/bash
-# Train the six trained rows of one (profile, dataset, seed) at the same time on one GPU, and
+# Train the seven trained rows of one (profile, dataset, seed) at the same time on one GPU, and
 # pack their run folders into one archive for the run cache of another machine.
 #
 #   bash benchmarks/gpu_rows.sh PROFILE DATASET SEED OUT [BUDGET_S] [EARLIER.tar.gz]
 #
-# The rows are small (one SASRec at batch 256 uses a sliver of a large GPU), so six processes
+# The rows are small (one SASRec at batch 256 uses a sliver of a large GPU), so seven processes
 # share the card. Each is `fmpaper row`, i.e. the ordinary cached, resumable training: a run
 # stopped by BUDGET_S (default 540 s) keeps its last finished epoch in `<row>-<hash>.partial/`,
 # and passing the archive of that call back as EARLIER.tar.gz resumes it there. Nothing is
