@@ -234,12 +234,16 @@ def test_with_needs_follows_members_seeds_and_bases_once():
 
 
 def test_epoch_budget_curve_trains_every_epoch_and_is_cached(monkeypatch, tmp_path):
-    from fmpaper.pages.data import curve_summary, epoch_curve
-    from fmpaper.runs import CURVE_EPOCHS, curve_dir, run_curve
+    from fmpaper.pages.data import curve_caption, curve_summary, epoch_curve
+    from fmpaper.runs import CURVE_EPOCHS, curve_dir, metrics_of, run_curve
     monkeypatch.setenv("FMPAPER_RUNS", str(tmp_path))
     assert "has not run" in curve_summary(epoch_curve("ml-100k", "smoke")).text
     run_curve("ml-100k", "smoke", progress=False)
     curve = epoch_curve("ml-100k", "smoke")
+    # the figure names the machine the curve trained on, as its record says, not the page's
+    record = curve_dir("ml-100k", "smoke") / "metrics.json"
+    record.write_text(json.dumps({**metrics_of(curve_dir("ml-100k", "smoke")), "hardware": "Some CPU, 1 thread"}))
+    assert curve_caption(epoch_curve("ml-100k", "smoke")).endswith("seed 0 · Some CPU, 1 thread")
     # never stopped early, whatever the validation does; the profile's epochs (1) are marked
     assert list(curve["epoch"]) == list(range(1, CURVE_EPOCHS + 1))
     assert curve.attrs["epochs"] == 1 and "after the profile's 1 epoch" in curve_summary(curve).text.lower()

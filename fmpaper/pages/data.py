@@ -144,9 +144,16 @@ def curve_summary(curve: pd.DataFrame) -> Text:
                 f"{v.iloc[0] / v.max():.0%} of it.{steps}")
 
 
-def plot_epoch_curve(curve: pd.DataFrame, caption: str | None = None) -> Figure:
-    """Validation NDCG@10 by epoch, the profile's epoch budget marked."""
-    fig = figure(6, 3.2, caption)
+def curve_caption(curve: pd.DataFrame) -> str:
+    """dataset · profile · seed · the machine the curve trained on (its record, not this one)."""
+    a = curve.attrs
+    where = f" · {a['hardware']}" if a.get("hardware") else ""
+    return f"{a['dataset']} · profile {a['profile']} · seed {a['seed']}{where}"
+
+
+def plot_epoch_curve(curve: pd.DataFrame) -> Figure:
+    """Validation NDCG@10 by epoch, the profile's epoch budget marked; captioned with the run."""
+    fig = figure(6, 3.2, curve_caption(curve))
     ax = fig.subplots()
     if curve.attrs["epochs"] >= CURVE_EPOCHS:
         empty(ax, f"profile {curve.attrs['profile']}: up to {curve.attrs['epochs']} epochs, early stopping")
