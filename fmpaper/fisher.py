@@ -188,7 +188,9 @@ def architecture_signature(shapes: dict) -> str:
 
 def save_fisher(path, fisher: dict, meta: dict) -> None:
     """Write fisher as safetensors at `path` and meta (plus parameter shapes and their
-    signature) as JSON at path.with_suffix('.json'); both land atomically (temp + os.replace)."""
+    signature) as JSON at path.with_suffix('.json'); each lands atomically (temp + os.replace),
+    the JSON first: the tensors file marks the pair complete (the run cache reads a Fisher only
+    where it exists), so a kill between the two leaves at most a JSON that the next save replaces."""
     path = Path(path)
     json_path = path.with_suffix(".json")
     if json_path == path:
@@ -206,8 +208,8 @@ def save_fisher(path, fisher: dict, meta: dict) -> None:
     try:
         save_file(tensors, str(tmp_st))
         tmp_js.write_text(meta_text + "\n", encoding="utf-8")
-        os.replace(tmp_st, path)
         os.replace(tmp_js, json_path)
+        os.replace(tmp_st, path)
     finally:
         for t in (tmp_st, tmp_js):
             t.unlink(missing_ok=True)

@@ -1,5 +1,7 @@
 """Fisher estimators on a tiny SASRec in float64: the closed form against brute force, the
 sampled estimators against their definitions, and the file format."""
+import os
+
 import pytest
 import torch
 
@@ -254,6 +256,27 @@ def test_save_load_round_trip(tmp_path):
     assert meta2["estimator"] == "exact" and meta2["shapes"]["item_emb.weight"] == [N_ITEMS + 2, 8]
     assert len(meta2["signature"]) == 16
     check_compatible(g, model.state_dict())
+
+
+def test_save_killed_between_its_two_files_leaves_no_fisher(tmp_path, monkeypatch):
+    # the tensors land last: a kill after the JSON leaves no Fisher file to be read as complete
+    import fmpaper.fisher as fm
+    f = fisher("target", tiny_model())
+    path = tmp_path / "f.safetensors"
+    real, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would, after the first file landed
+        real(src, dst)
+    monkeypatch.setattr(fm.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_fisher(path, f, {})
+    monkeypatch.setattr(fm.os, "replace", real)
+    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    save_fisher(path, f, {"estimator": "target"})   # the next save completes the pair
+    assert load_fisher(path)[1]["estimator"] == "target"
 
 
 def test_load_refuses_bad_files(tmp_path):
