@@ -349,6 +349,30 @@ def test_figures_written(pages, results_env):
     assert len(images) == len(names) - 1
 
 
+def test_fisher_rows_benchmark_computes_what_the_rows_cached(smoke_table, tmp_path):
+    # benchmarks/bench_fisher_rows.py times the Fishers of the merge rows: the same eleven
+    # estimates of the same three members, bit for bit what the rows computed and cached
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_fisher_rows as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from fmpaper.runs import fisher_path
+    specs, members = bench.specs_and_members("ml-100k", "smoke", 0)
+    assert len(specs) == 11 and [d.name for d in members] == [
+        run_dir(m, "ml-100k", "smoke", 0).name for m in get_row("fisher_exact").members]
+    target = next(s for s in specs if s.estimator == "target")
+    got = bench._one((str(members[0]), target, str(tmp_path / "t.safetensors")))
+    assert got["estimator"] == "target" and got["seconds"] > 0
+    mine, cached = load_file(str(tmp_path / "t.safetensors")), load_file(str(fisher_path(members[0], target)))
+    assert mine.keys() == cached.keys() and all(torch.equal(mine[n], cached[n]) for n in mine)
+    # members that were never trained: one line, non-zero exit
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fisher_rows.py"), "--dataset", "ml-100k",
+                          "--profile", "smoke", "--seed", "97"], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip().startswith("error: members not in the run cache")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
 def test_pages_reexecute_identically_with_nbval(pages, tmp_path):
     """nbval re-executes the smoke-executed pages and compares every output (images aside) with
     the stored one, after sanitising the execution stamp (tests/nbval_sanitize.cfg)."""
