@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fmpaper import FmpaperError  # noqa: E402
+from fmpaper.config import make_config  # noqa: E402
 from fmpaper.rows import fisher_merges, get_row  # noqa: E402
 from fmpaper.runs import dataset_name, fisher_of, is_finished, run_dir  # noqa: E402
 from fmpaper.train import hardware  # noqa: E402
 
 REFERENCE = "fisher_exact"   # the merge row whose members are "the three merged models"
-D_PASSES = 64                # backward passes per batch of the exact Fisher (hidden size d)
 
 
 def specs_and_members(dataset, profile, seed):
@@ -50,9 +50,10 @@ def specs_and_members(dataset, profile, seed):
     return specs, dirs
 
 
-def cost(spec) -> int:
-    """Backward passes per batch: what orders the tasks, largest first."""
-    return D_PASSES if spec.estimator == "exact" else (spec.k or 1)
+def cost(spec, hidden: int) -> int:
+    """Backward passes per batch (the exact Fisher: one per hidden dimension d): what orders the
+    tasks, largest first."""
+    return hidden if spec.estimator == "exact" else (spec.k or 1)
 
 
 def _init(threads):
@@ -82,10 +83,11 @@ def main():
         specs, dirs = specs_and_members(a.dataset, a.profile, a.seed)
     except FmpaperError as e:
         sys.exit(f"error: {e}")
+    hidden = make_config(a.profile, dataset=a.dataset).hidden
     with tempfile.TemporaryDirectory() as tmp:
         tasks = sorted(((str(d), s, str(Path(tmp) / f"{i}-{j}.safetensors"))
                         for i, d in enumerate(dirs) for j, s in enumerate(specs)),
-                       key=lambda t: -cost(t[1]))
+                       key=lambda t: -cost(t[1], hidden))
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(a.jobs, initializer=_init, initargs=(a.threads,)) as pool:
             done = list(pool.imap_unordered(_one, tasks))
